@@ -1,0 +1,170 @@
+"""Bytes -> RGB PIL image with a fixed policy (EXIF, every mode, bomb limit), and raw samples -> decoded batches."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import threading
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.batch import OK, DecodedBatch, RawSample, SampleRow
+
+# Our own pixel check runs on the header first; PIL's own guard would only warn or raise with another message.
+Image.MAX_IMAGE_PIXELS = None
+
+# Caption text beyond this many characters cannot change the first 77 tokens in practice; cutting it
+# keeps a 1 MB caption from costing seconds of BPE.
+MAX_CAPTION_CHARS = 20_000
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; `status` is the reason class written to metadata."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Every Pillow mode to RGB; transparency is composited on `background` (white by default)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif img.mode == "I":
+            arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        else:
+            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: bytes | None,
+    max_pixels: int,
+    background: tuple[int, int, int] = (255, 255, 255),
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode image bytes to RGB; raises SampleError(no_image|empty_image|too_large|decode_error)."""
+    if data is None:
+        raise SampleError("no_image", "sample has no image field")
+    if len(data) == 0:
+        raise SampleError("empty_image", "image file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise SampleError("too_large", f"{w}x{h} = {w * h} pixels > embed.max_pixels={max_pixels}")
+            if draft_size and img.format == "JPEG" and min(w, h) > 2 * draft_size:
+                # Keep the short side >= 2x the model input so the resize after it sees enough pixels.
+                k = 2 * draft_size / min(w, h)
+                img.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return to_rgb(img, background)
+    except SampleError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+        raise SampleError("decode_error", f"{type(e).__name__}: {e}") from None
+
+
+def decode_caption(raw: bytes | str | None) -> tuple[str | None, str]:
+    """Caption bytes -> (text, caption_status); invalid UTF-8 is replaced, not dropped."""
+    if raw is None:
+        return None, "missing"
+    if isinstance(raw, str):
+        return raw, OK
+    try:
+        return raw.decode("utf-8"), OK
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), "invalid_utf8"
+
+
+def _meta_str(meta: dict[str, Any], key: str) -> str | None:
+    v = meta.get(key)
+    return None if v is None else str(v)
+
+
+class BatchDecoder:
+    """Turns a list of RawSamples into a DecodedBatch using the model's preprocess and tokenizer."""
+
+    def __init__(
+        self,
+        preprocess: Callable[[Image.Image], Any],
+        tokenize: Callable[[list[str]], Any] | None,
+        max_pixels: int,
+        background: tuple[int, int, int],
+        embed_image: bool = True,
+        draft_size: int | None = None,
+    ):
+        self.preprocess = preprocess
+        self.tokenize = tokenize
+        self.max_pixels = max_pixels
+        self.background = background
+        self.embed_image = embed_image
+        self.draft_size = draft_size
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
+
+    def decode_one(self, s: RawSample) -> tuple[SampleRow, Any]:
+        caption, caption_status = decode_caption(s.caption)
+        sha = _meta_str(s.meta, "sha256") or (hashlib.sha256(s.image).hexdigest() if s.image else None)
+        row = SampleRow(
+            key=s.key, index=s.index, caption=caption, url=_meta_str(s.meta, "url"), sha256=sha,
+            width=None, height=None, status=OK, error=None, caption_status=caption_status,
+        )
+        if s.error:
+            row.status, row.error = "read_error", s.error
+            return row, None
+        if not self.embed_image:
+            return row, None
+        try:
+            img = decode_image(s.image, self.max_pixels, self.background, self.draft_size)
+            row.width, row.height = img.size
+            return row, self.preprocess(img)
+        except SampleError as e:
+            row.status, row.error = e.status, str(e)
+            return row, None
+        except Exception as e:  # a preprocess failure is still one sample's problem
+            row.status, row.error = "preprocess_error", f"{type(e).__name__}: {e}"
+            return row, None
+
+    def __call__(self, shard_id: str, samples: list[RawSample]) -> DecodedBatch:
+        import torch
+
+        t0 = time.perf_counter()
+        rows: list[SampleRow] = []
+        pixels: list[Any] = []
+        image_rows: list[int] = []
+        for i, s in enumerate(samples):
+            row, px = self.decode_one(s)
+            rows.append(row)
+            if px is not None:
+                pixels.append(px)
+                image_rows.append(i)
+        text_rows = [i for i, r in enumerate(rows) if r.caption is not None and r.status != "read_error"]
+        tokens = None
+        if self.tokenize is not None and text_rows:
+            texts = [rows[i].caption[:MAX_CAPTION_CHARS] for i in text_rows]  # type: ignore[index]
+            with self._tok_lock:
+                tokens = self.tokenize(texts)
+        else:
+            text_rows = []
+        batch_pixels = torch.stack(pixels) if pixels else None
+        return DecodedBatch(shard_id, rows, batch_pixels, image_rows, tokens, text_rows, time.perf_counter() - t0)

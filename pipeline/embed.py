@@ -1,0 +1,107 @@
+"""The embed stage: plan shards, check the manifest, skip committed shards, distribute, summarize."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import Config, ConfigError, require
+from pipeline.distributor import TaskResult, get_distributor
+from pipeline.models import model_fingerprint
+from pipeline.shards import ShardTask, expand_input, plan_shards
+from pipeline.summary import JobFailed, summarize_embed
+from pipeline.writer import (
+    FORMAT_VERSION,
+    ManifestMismatch,
+    check_or_write_manifest,
+    committed_shards,
+    read_stats,
+    remove_uncommitted,
+    sweep_temporary,
+    update_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+WORKER = "pipeline.runner:embed_worker"
+
+
+def build_manifest(cfg: Config) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_fingerprint(cfg.model),
+        "model_config": cfg.model.model_dump(mode="json"),
+        "output_dtype": cfg.embed.output_dtype,
+        "image": cfg.embed.image,
+        "text": cfg.embed.text,
+        "normalized": True,
+        "failed_rows": "zero vector; see metadata status / caption_status",
+    }
+
+
+def plan(cfg: Config) -> list[ShardTask]:
+    """Validate and plan before anything is written; raises ConfigError for bad input or model config."""
+    require(cfg, "input", "output")
+    assert cfg.input is not None and cfg.output is not None
+    if not (cfg.embed.image or cfg.embed.text):
+        raise ConfigError("embed.image and embed.text are both false: nothing to embed")
+    return plan_shards(expand_input(cfg.input), cfg.output.rstrip("/"), cfg.embed.input_format, cfg.embed.folder_shard_size)
+
+
+def embed(cfg: Config) -> dict[str, Any]:
+    """Run the embed stage; returns the summary, raises JobFailed when a shard failed for good."""
+    from pipeline.models import ModelLoadError
+
+    tasks = plan(cfg)
+    output = cfg.output.rstrip("/")  # type: ignore[union-attr]
+    try:
+        manifest = build_manifest(cfg)
+        check_or_write_manifest(output, manifest)
+    except (ManifestMismatch, ModelLoadError) as e:
+        raise ConfigError(str(e)) from e
+    swept = sweep_temporary(output) + remove_uncommitted(output)
+    if swept:
+        log.info("removed %d leftover files of an interrupted run", swept)
+    done = set(committed_shards(output))
+    todo = [t for t in tasks if cfg.embed.overwrite or t.shard_id not in done]
+    skipped = len(tasks) - len(todo)
+    log.info("embed: %d shards planned, %d already committed, %d to do", len(tasks), skipped, len(todo))
+
+    t0 = time.perf_counter()
+    samples = 0
+    bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True, disable=None)
+
+    def on_result(r: TaskResult) -> None:
+        nonlocal samples
+        if r.ok and r.stats:
+            samples += r.stats.get("samples", 0)
+        bar.update(1)
+        bar.set_postfix(samples=samples, per_s=f"{samples / max(time.perf_counter() - t0, 1e-9):.1f}")
+
+    try:
+        results = get_distributor(cfg).run(
+            todo, WORKER, cfg.embed.max_shard_retries, on_result, timeout_s=cfg.embed.shard_timeout_s
+        )
+    finally:
+        bar.close()
+        sweep_temporary(output)
+    wall = time.perf_counter() - t0
+    failed = [r.task.shard_id for r in results if not r.ok]
+    stats = [r.stats for r in results if r.ok and r.stats]
+    summary = summarize_embed(stats, wall, skipped, failed)
+    if stats:
+        update_manifest(output, dim=stats[0].get("dim"))
+    if failed:
+        for r in results:
+            if not r.ok:
+                log.error("shard %s failed after %d attempts: %s", r.task.shard_id, r.attempts, r.errors[-1] if r.errors else "?")
+        raise JobFailed(f"{len(failed)} shard(s) failed: {', '.join(failed)}; re-run to retry them", summary)
+    return summary
+
+
+def all_stats(output: str) -> list[dict[str, Any]]:
+    """Stats of every committed shard (the same files on a local pool and on Spark)."""
+    return [read_stats(output, s) for s in committed_shards(output)]

@@ -1,0 +1,123 @@
+"""The model interface every CLIP-family backend implements, and the registry that picks one from config."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from pipeline.config import ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The model's weights or code cannot be loaded; raised at start-up, never mid-job."""
+
+
+class EmbeddingModel(ABC):
+    """A loaded model: CPU preprocessing (thread-safe) plus normalized image and text embeddings."""
+
+    dim: int
+    device: "torch.device"
+
+    @abstractmethod
+    def preprocess(self, image: "Image.Image") -> "torch.Tensor":
+        """RGB PIL image -> CHW float tensor, exactly the model's own transform."""
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> Any:
+        """Captions -> whatever encode_text takes (truncated at the model's context length)."""
+
+    @abstractmethod
+    def encode_image(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """Batch of preprocessed images -> L2-normalized float32 embeddings on the CPU."""
+
+    @abstractmethod
+    def encode_text(self, tokens: Any) -> "torch.Tensor":
+        """Tokenized captions -> L2-normalized float32 embeddings on the CPU."""
+
+    def preprocess_info(self) -> dict[str, Any]:
+        """What the manifest records about preprocessing (size, mean, std, interpolation...)."""
+        return {}
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_model_string(spec: str) -> dict[str, Any]:
+    """`open_clip:ViT-B-32/laion2b_s34b_b79k` (clip-retrieval style), `ViT-B-32/tag`, `hf:/dir`, `offline`."""
+    if spec in ("offline", "conse", "offline:conse"):
+        return {"family": "offline"}
+    if spec.startswith("hf:"):
+        return {"family": "hf", "path": spec[3:]}
+    if spec.startswith("open_clip:"):
+        spec = spec[len("open_clip:") :]
+    if spec.startswith("hf-hub:"):
+        return {"family": "open_clip", "arch": spec, "pretrained": None}
+    arch, _, tag = spec.partition("/")
+    if not arch:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"model={spec!r}: expected ARCH[/PRETRAINED], open_clip:ARCH/TAG, hf:DIR or offline")
+    return {"family": "open_clip", "arch": arch, "pretrained": tag or None}
+
+
+_LOADERS: dict[str, Callable[["ModelConfig"], EmbeddingModel]] = {}
+_FINGERPRINTS: dict[str, Callable[["ModelConfig"], dict[str, Any]]] = {}
+
+
+def register(
+    family: str, loader: Callable[["ModelConfig"], EmbeddingModel], fingerprint: Callable[["ModelConfig"], dict[str, Any]]
+) -> None:
+    _LOADERS[family] = loader
+    _FINGERPRINTS[family] = fingerprint
+
+
+def _ensure_registered(family: str) -> None:
+    if family in _LOADERS:
+        return
+    if family == "open_clip":
+        import pipeline.models.openclip  # noqa: F401
+    elif family == "hf":
+        import pipeline.models.hf  # noqa: F401
+    elif family == "offline":
+        import pipeline.models.offline  # noqa: F401
+    if family not in _LOADERS:
+        raise ValueError(f"unknown model family {family!r}; known: open_clip, hf, offline")
+
+
+def load_model(cfg: "ModelConfig") -> EmbeddingModel:
+    """Load the configured model once; raises ModelLoadError with a hint when weights are unavailable."""
+    _ensure_registered(cfg.family)
+    return _LOADERS[cfg.family](cfg)
+
+
+def model_fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
+    """Identify the weights and preprocessing without loading the model (for the manifest)."""
+    _ensure_registered(cfg.family)
+    return _FINGERPRINTS[cfg.family](cfg)
+
+
+def resolve_device(device: str) -> "torch.device":
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device={device} but no CUDA device is available")
+    return d
+
+
+def file_or_none(path: str | None) -> Path | None:
+    return Path(path).expanduser() if path else None

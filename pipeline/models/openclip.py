@@ -1,0 +1,197 @@
+"""open_clip backend: named architecture + pretrained tag, hf-hub id, or local checkpoint, with padding-free text."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import EmbeddingModel, ModelLoadError, register, resolve_device, sha256_file
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+HINT = (
+    "clipline could not get the weights. Offline, point at a local file with "
+    "model.checkpoint=/path/to/open_clip_model.bin (plus model.arch=ARCH), or pre-fill the Hugging Face cache "
+    "(HF_HOME / model.cache_dir) on a machine with network and run with HF_HUB_OFFLINE=1."
+)
+
+
+def register_config_file(cfg: "ModelConfig") -> None:
+    """Register a custom open_clip model config JSON under model.arch."""
+    import open_clip
+
+    if not cfg.model_config_file:
+        return
+    path = Path(cfg.model_config_file).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"model.model_config_file={path}: no such file")
+    model_cfg = json.loads(path.read_text())
+    open_clip.factory._MODEL_CONFIGS[cfg.arch] = model_cfg
+
+
+def _weights_spec(cfg: "ModelConfig") -> str | None:
+    return cfg.checkpoint or cfg.pretrained
+
+
+def _check_arch(cfg: "ModelConfig") -> None:
+    import open_clip
+
+    if cfg.arch.startswith("hf-hub:"):
+        return
+    if open_clip.get_model_config(cfg.arch) is None:
+        raise ModelLoadError(
+            f"model.arch={cfg.arch!r} is not an open_clip architecture; see `clipline models` "
+            "or pass model.model_config_file=CONFIG.json for a custom one"
+        )
+
+
+class OpenClipModel(EmbeddingModel):
+    """An open_clip CLIP/SigLIP model on one device."""
+
+    def __init__(self, cfg: "ModelConfig") -> None:
+        import open_clip
+
+        register_config_file(cfg)
+        _check_arch(cfg)
+        self.device = resolve_device(cfg.device)
+        weights = _weights_spec(cfg)
+        if cfg.checkpoint and not Path(cfg.checkpoint).expanduser().is_file():
+            raise ModelLoadError(f"model.checkpoint={cfg.checkpoint}: no such file")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                cfg.arch,
+                pretrained=str(Path(weights).expanduser()) if cfg.checkpoint else weights,
+                device=self.device,
+                cache_dir=cfg.cache_dir,
+                weights_only=True,
+            )
+        except ModelLoadError:
+            raise
+        except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unreachable weights
+            raise ModelLoadError(f"loading open_clip {cfg.arch} / {weights}: {type(e).__name__}: {e}\n{HINT}") from e
+        model.eval()
+        if cfg.precision == "int8":
+            if self.device.type != "cpu":
+                raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self.cfg = cfg
+        self._preprocess = preprocess
+        self._tokenizer = open_clip.get_tokenizer(cfg.arch)
+        self.context_length = getattr(model, "context_length", None) or 77
+        self.trim_text = _can_trim_text(model)
+        self.dim = int(self._infer_dim())
+        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
+        if self.device.type == "cuda":
+            self.model.visual.to(memory_format=torch.channels_last)
+
+    def _infer_dim(self) -> int:
+        proj = getattr(self.model, "text_projection", None)
+        if isinstance(proj, torch.nn.Parameter):
+            return proj.shape[1]
+        with torch.inference_mode():
+            return self.model.encode_text(self._tokenizer(["a"]).to(self.device)).shape[-1]
+
+    def preprocess(self, image: "Image.Image") -> torch.Tensor:
+        return self._preprocess(image)
+
+    def preprocess_info(self) -> dict[str, Any]:
+        pp = getattr(self.model.visual, "preprocess_cfg", None) or {}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(pp).items()}
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self._tokenizer(texts)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self._to_device(pixels)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_image(x)
+        return F.normalize(feats.float(), dim=-1).cpu()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self._to_device(tokens)
+        with torch.inference_mode(), self._autocast():
+            if self.trim_text:
+                feats = encode_text_trimmed(self.model, x)
+            else:
+                feats = self.model.encode_text(x)
+        return F.normalize(feats.float(), dim=-1).cpu()
+
+
+def _can_trim_text(model: torch.nn.Module) -> bool:
+    """Padding after the longest caption is dead compute only for causal towers that pool at a token position."""
+    import open_clip
+
+    return (
+        type(model) is open_clip.CLIP
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+        and isinstance(getattr(model, "positional_embedding", None), torch.nn.Parameter)
+    )
+
+
+def encode_text_trimmed(model: Any, text: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text on tokens cut to the batch's longest caption (same result, less compute).
+
+    With a causal mask no position attends to later ones, and pooling reads the end-of-text position,
+    so the padding columns never influence the pooled feature.
+    """
+    from open_clip.transformer import text_global_pool
+
+    nonpad = (text != 0).int()
+    length = int((nonpad * torch.arange(1, text.shape[1] + 1, device=text.device)).amax().item())
+    length = max(length, 1)
+    t = text[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(t).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, t, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+def fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
+    """Weights identity: checkpoint sha256, or the named tag; plus the custom config's hash."""
+    fp: dict[str, Any] = {"family": "open_clip", "arch": cfg.arch}
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"model.checkpoint={cfg.checkpoint}: no such file")
+        fp["checkpoint_sha256"] = sha256_file(path)
+    elif cfg.pretrained and os.path.isfile(os.path.expanduser(cfg.pretrained)):
+        fp["checkpoint_sha256"] = sha256_file(os.path.expanduser(cfg.pretrained))
+    else:
+        fp["pretrained"] = cfg.pretrained
+    if cfg.model_config_file:
+        fp["model_config_sha256"] = sha256_file(Path(cfg.model_config_file).expanduser())
+    return fp
+
+
+register("open_clip", OpenClipModel, fingerprint)

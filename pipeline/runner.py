@@ -1,0 +1,157 @@
+"""The per-shard loop: read -> decode (thread pool) -> model -> write, timed, with bounded prefetch."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.batch import OK, DecodedBatch, EmbeddedBatch, RawSample
+from pipeline.config import Config, EmbedConfig
+from pipeline.decode import BatchDecoder
+from pipeline.models import EmbeddingModel, load_model
+from pipeline.reader import ShardDamaged, iter_samples, threaded
+from pipeline.shards import ShardTask
+from pipeline.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+_MODEL_CACHE: dict[str, EmbeddingModel] = {}
+
+
+def get_model(cfg: Config) -> EmbeddingModel:
+    """Load the model once per process (local worker or Spark executor) and reuse it across shards."""
+    key = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        t0 = time.perf_counter()
+        model = load_model(cfg.model)
+        if hasattr(model, "trim_text"):
+            model.trim_text = bool(model.trim_text and cfg.embed.trim_text)
+        _MODEL_CACHE[key] = model
+        log.info("loaded model %s in %.1fs on %s", cfg.model.arch, time.perf_counter() - t0, model.device)
+    return _MODEL_CACHE[key]
+
+
+def _batched(samples: Iterator[RawSample], size: int) -> Iterator[list[RawSample]]:
+    buf: list[RawSample] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def embed_batch(model: EmbeddingModel, batch: DecodedBatch, image: bool, text: bool) -> EmbeddedBatch:
+    n = len(batch.rows)
+    img = np.zeros((n, model.dim), dtype=np.float32)
+    txt = np.zeros((n, model.dim), dtype=np.float32)
+    if image and batch.pixels is not None:
+        img[batch.image_rows] = model.encode_image(batch.pixels).numpy()
+    if text and batch.tokens is not None:
+        txt[batch.text_rows] = model.encode_text(batch.tokens).numpy()
+    return EmbeddedBatch(batch.shard_id, batch.rows, img, txt)
+
+
+def decode_threads(cfg: EmbedConfig, model: EmbeddingModel) -> int:
+    if cfg.decode_threads:
+        return cfg.decode_threads
+    if model.device.type == "cuda":
+        return max(2, (os.cpu_count() or 2) - 1)
+    return 2
+
+
+def _draft_size(model: EmbeddingModel, cfg: EmbedConfig) -> int | None:
+    if not cfg.draft:
+        return None
+    size = model.preprocess_info().get("size")
+    if isinstance(size, (list, tuple)):
+        size = max(size)
+    return int(size) if size else None
+
+
+def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt: int = 0) -> dict[str, Any]:
+    """Embed one shard and commit its files; returns the stats written as its commit marker."""
+    started = time.time()
+    decoder = BatchDecoder(
+        model.preprocess,
+        model.tokenize if cfg.text else None,
+        cfg.max_pixels,
+        tuple(cfg.background),  # type: ignore[arg-type]
+        embed_image=cfg.image,
+        draft_size=_draft_size(model, cfg),
+    )
+    writer = ShardWriter(task.output, task.shard_id, model.dim, cfg.output_dtype, cfg.write_parquet)
+    timings = collections.Counter[str]()
+    status_counts = collections.Counter[str]()
+    caption_counts = collections.Counter[str]()
+    read_error = None
+    samples = threaded(iter_samples(task, cfg.image_keys, cfg.caption_keys), 4 * cfg.batch_size, cfg.read_timeout_s)
+    pending: collections.deque[Future[DecodedBatch]] = collections.deque()
+    workers = decode_threads(cfg, model)
+
+    def consume(fut: Future[DecodedBatch]) -> None:
+        t0 = time.perf_counter()
+        decoded = fut.result()
+        timings["wait_decode"] += time.perf_counter() - t0
+        timings["decode"] += decoded.decode_seconds
+        t0 = time.perf_counter()
+        emb = embed_batch(model, decoded, cfg.image, cfg.text)
+        timings["model"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        writer.write(emb)
+        timings["write"] += time.perf_counter() - t0
+        for r in emb.rows:
+            status_counts[r.status] += 1
+            caption_counts[r.caption_status] += 1
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        it = _batched(samples, cfg.batch_size)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                raw = next(it, None)
+                timings["read"] += time.perf_counter() - t0
+                if raw is None:
+                    break
+                pending.append(pool.submit(decoder, task.shard_id, raw))
+                # Bounded prefetch: never more decoded batches in memory than prefetch + decode threads.
+                while len(pending) > cfg.prefetch + workers - 1:
+                    consume(pending.popleft())
+        except ShardDamaged as e:
+            read_error = str(e)
+            log.warning("shard %s is damaged; keeping the samples before the damage: %s", task.shard_id, e)
+        while pending:
+            consume(pending.popleft())
+    stats = {
+        "shard": task.shard_id,
+        "input": task.input_url,
+        "samples": sum(status_counts.values()),
+        "ok": status_counts.get(OK, 0),
+        "status_counts": dict(status_counts),
+        "caption_status_counts": dict(caption_counts),
+        "read_error": read_error,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "started": started,
+        "finished": time.time(),
+        "attempt": attempt,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "dim": model.dim,
+    }
+    return writer.close(stats)
+
+
+def embed_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    """The importable worker function every distributor calls for one embed task."""
+    model = get_model(cfg)
+    return run_shard(task, model, cfg.embed, attempt)

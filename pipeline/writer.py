@@ -1,0 +1,246 @@
+"""The embed output format: file naming, the per-shard writer with its commit protocol, and the manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.batch import EmbeddedBatch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TMP_MARK = ".tmp-"
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int32()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("clip_score", pa.float32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("caption_status", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """Every path one output shard owns; the only place shard file names are built."""
+
+    img_emb: str
+    text_emb: str
+    metadata: str
+    parquet: str
+    stats: str
+
+
+def shard_files(output: str, shard_id: str) -> ShardFiles:
+    """clip-retrieval layout, so embedding-reader, autofaiss and clip-retrieval read it unchanged."""
+    j = posixpath.join
+    return ShardFiles(
+        img_emb=j(output, "img_emb", f"img_emb_{shard_id}.npy"),
+        text_emb=j(output, "text_emb", f"text_emb_{shard_id}.npy"),
+        metadata=j(output, "metadata", f"metadata_{shard_id}.parquet"),
+        parquet=j(output, "parquet", f"{shard_id}.parquet"),
+        stats=j(output, "stats", f"stats_{shard_id}.json"),
+    )
+
+
+def shard_id_of_stats(path: str) -> str:
+    name = posixpath.basename(path)
+    return name[len("stats_") : -len(".json")]
+
+
+def committed_shards(output: str) -> list[str]:
+    """Shard ids whose stats file (the commit marker, written last) exists, sorted."""
+    fs, root = fsspec.core.url_to_fs(output)
+    stats_dir = posixpath.join(root, "stats")
+    if not fs.exists(stats_dir):
+        return []
+    names = [p for p in fs.ls(stats_dir, detail=False) if p.endswith(".json") and TMP_MARK not in p]
+    return sorted(shard_id_of_stats(p) for p in names)
+
+
+def read_stats(output: str, shard_id: str) -> dict[str, Any]:
+    with fsspec.open(shard_files(output, shard_id).stats, "r") as f:
+        return json.load(f)
+
+
+def _put_bytes(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
+    """Write under a unique temporary name, then rename: a killed writer never leaves a whole-looking file."""
+    tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    fs.makedirs(posixpath.dirname(final), exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, final)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Collects one shard's embedded batches and commits all its files at close(), stats file last."""
+
+    def __init__(self, output: str, shard_id: str, dim: int, dtype: str = "float16", write_parquet: bool = False):
+        self.fs, _ = fsspec.core.url_to_fs(output)
+        self.files = shard_files(output, shard_id)
+        self.shard_id = shard_id
+        self.dim = dim
+        self.dtype = np.dtype(dtype)
+        self.write_parquet = write_parquet
+        self._img: list[np.ndarray] = []
+        self._txt: list[np.ndarray] = []
+        self._meta: list[pa.Table] = []
+
+    def write(self, batch: EmbeddedBatch) -> None:
+        self._img.append(batch.image_emb.astype(self.dtype, copy=False))
+        self._txt.append(batch.text_emb.astype(self.dtype, copy=False))
+        self._meta.append(batch.metadata_table())
+
+    def close(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Commit: data files by rename, then the stats file that marks the shard done."""
+        empty = np.zeros((0, self.dim), dtype=self.dtype)
+        img = np.concatenate(self._img) if self._img else empty
+        txt = np.concatenate(self._txt) if self._txt else empty
+        meta = pa.concat_tables(self._meta) if self._meta else METADATA_SCHEMA.empty_table()
+        if not (len(img) == len(txt) == meta.num_rows):
+            raise RuntimeError(f"shard {self.shard_id}: rows not aligned ({len(img)}, {len(txt)}, {meta.num_rows})")
+        t0 = time.perf_counter()
+        _put_bytes(self.fs, self.files.img_emb, _npy_bytes(img))
+        _put_bytes(self.fs, self.files.text_emb, _npy_bytes(txt))
+        _put_bytes(self.fs, self.files.metadata, _parquet_bytes(meta))
+        if self.write_parquet:
+            emb_type = pa.list_(pa.float32() if self.dtype == np.float32 else pa.float16(), self.dim)
+            flat = pa.array(img.reshape(-1), type=emb_type.value_type)
+            col = pa.FixedSizeListArray.from_arrays(flat, self.dim)
+            _put_bytes(self.fs, self.files.parquet, _parquet_bytes(meta.append_column("embedding", col)))
+        stats = dict(stats, rows=int(meta.num_rows))
+        stats.setdefault("timings", {})["write"] = stats.get("timings", {}).get("write", 0.0) + time.perf_counter() - t0
+        _put_bytes(self.fs, self.files.stats, json.dumps(stats, indent=1, sort_keys=True).encode())
+        return stats
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def sweep_temporary(output: str) -> int:
+    """Delete temporary files left by killed writers (call when no writer of this output runs)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    removed = 0
+    for sub in ("img_emb", "text_emb", "metadata", "parquet", "stats"):
+        d = posixpath.join(root, sub)
+        if not fs.exists(d):
+            continue
+        for p in fs.ls(d, detail=False):
+            if TMP_MARK in posixpath.basename(p):
+                fs.rm(p)
+                removed += 1
+    return removed
+
+
+def uncommitted_leftovers(output: str) -> list[str]:
+    """Final-named data files of shards without a commit marker (from a job killed mid-commit)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    done = set(committed_shards(output))
+    stray = []
+    for sub, prefix, suffix in (
+        ("img_emb", "img_emb_", ".npy"),
+        ("text_emb", "text_emb_", ".npy"),
+        ("metadata", "metadata_", ".parquet"),
+        ("parquet", "", ".parquet"),
+    ):
+        d = posixpath.join(root, sub)
+        if not fs.exists(d):
+            continue
+        for p in fs.ls(d, detail=False):
+            name = posixpath.basename(p)
+            if TMP_MARK in name or not name.endswith(suffix):
+                continue
+            sid = name[len(prefix) : -len(suffix)]
+            if sid not in done:
+                stray.append(p)
+    return stray
+
+
+def remove_uncommitted(output: str) -> int:
+    """Remove leftovers so readers that list files (embedding-reader) never see a shard without its marker."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    stray = uncommitted_leftovers(output)
+    for p in stray:
+        fs.rm(p)
+    return len(stray)
+
+
+# ---- manifest -------------------------------------------------------------------------------------------
+
+
+class ManifestMismatch(ValueError):
+    """The output folder was made with a different model, preprocessing or dtype."""
+
+
+def manifest_path(output: str) -> str:
+    return posixpath.join(output, "manifest.json")
+
+
+def read_manifest(output: str) -> dict[str, Any] | None:
+    fs, path = fsspec.core.url_to_fs(manifest_path(output))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def manifest_identity(m: dict[str, Any]) -> dict[str, Any]:
+    """The fields that must match for two runs to write into the same output."""
+    return {k: m.get(k) for k in ("format_version", "model", "output_dtype", "image", "text", "normalized")}
+
+
+def check_or_write_manifest(output: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest, or verify an existing one describes the same embeddings."""
+    existing = read_manifest(output)
+    if existing is not None:
+        old, new = manifest_identity(existing), manifest_identity(manifest)
+        if old != new:
+            diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+            raise ManifestMismatch(
+                f"{output} holds embeddings made differently: "
+                + "; ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+                + ". Use a new output folder."
+            )
+        return
+    fs, path = fsspec.core.url_to_fs(manifest_path(output))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    _put_bytes(fs, path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+def update_manifest(output: str, **fields: Any) -> None:
+    m = read_manifest(output) or {}
+    if all(m.get(k) == v for k, v in fields.items()):
+        return
+    m.update(fields)
+    fs, path = fsspec.core.url_to_fs(manifest_path(output))
+    _put_bytes(fs, path, json.dumps(m, indent=1, sort_keys=True).encode())
