@@ -1,0 +1,127 @@
+"""Test data made on the fly: tiny JPEGs, WebDataset tars, tiny open_clip checkpoints, fake embed outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+TINY_ARCH = "tiny-test"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40), quality: int = 90) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> Path:
+    """samples: (key, {ext: bytes}) in order; written as key.ext members like img2dataset does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as t:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def make_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> list[Path]:
+    """n_shards tars of per_shard JPEG + caption + json samples, keys like img2dataset's (SSSSSIIII)."""
+    paths = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            key = f"{s:05d}{i:04d}"
+            meta = {"url": f"http://127.0.0.1/{key}.jpg", "key": key}
+            samples.append(
+                (key, {"jpg": jpeg_bytes(seed * 100003 + s * 1000 + i), "txt": f"photo number {i} of shard {s}".encode(),
+                       "json": json.dumps(meta).encode()})
+            )
+        paths.append(write_tar(root / f"{s:05d}.tar", samples))
+    return paths
+
+
+def make_tiny_checkpoint(dirpath: Path, seed: int = 0) -> dict[str, str]:
+    """A random-weight open_clip model saved as a local checkpoint; returns the config overrides to load it."""
+    import open_clip
+    import torch
+
+    dirpath.mkdir(parents=True, exist_ok=True)
+    cfg_path = dirpath / f"{TINY_ARCH}.json"
+    cfg_path.write_text(json.dumps(TINY_CONFIG))
+    open_clip.factory._MODEL_CONFIGS[TINY_ARCH] = TINY_CONFIG
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_ARCH, pretrained=None)
+    ckpt = dirpath / f"{TINY_ARCH}-seed{seed}.pt"
+    torch.save(model.state_dict(), ckpt)
+    return {"model.arch": TINY_ARCH, "model.checkpoint": str(ckpt), "model.model_config_file": str(cfg_path)}
+
+
+def overrides(d: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in d.items()]
+
+
+def random_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_fake_embed_output(
+    root: str | Path,
+    shards: dict[str, np.ndarray],
+    text: dict[str, np.ndarray] | None = None,
+    model: dict[str, Any] | None = None,
+    extra_meta: dict[str, dict[str, list[Any]]] | None = None,
+) -> str:
+    """An embed output folder (same writer, manifest and commit markers as the real stage) from given vectors.
+
+    shards: shard_id -> (n, d) image embeddings; keys are f"{shard_id}{i:04d}".
+    extra_meta: shard_id -> {column: values} overriding metadata columns (url, sha256, width, caption, status...).
+    """
+    from pipeline.batch import OK, EmbeddedBatch, SampleRow
+    from pipeline.writer import FORMAT_VERSION, ShardWriter, check_or_write_manifest, update_manifest
+
+    root = str(root)
+    dim = next(iter(shards.values())).shape[1]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": model or {"family": "open_clip", "arch": TINY_ARCH, "checkpoint_sha256": "fake"},
+        "model_config": {"family": "open_clip", "arch": TINY_ARCH},
+        "output_dtype": "float16", "image": True, "text": True, "normalized": True,
+    }
+    check_or_write_manifest(root, manifest)
+    for sid, emb in shards.items():
+        n = len(emb)
+        cols = (extra_meta or {}).get(sid, {})
+        rows = []
+        for i in range(n):
+            def col(name: str, default: Any) -> Any:
+                return cols[name][i] if name in cols else default
+            rows.append(SampleRow(
+                key=col("key", f"{sid}{i:04d}"), index=i, caption=col("caption", f"caption {sid} {i}"),
+                url=col("url", f"http://127.0.0.1/{sid}/{i}.jpg"), sha256=col("sha256", f"sha-{sid}-{i}"),
+                width=col("width", 64), height=col("height", 64), status=col("status", OK), error=col("error", None),
+                caption_status=col("caption_status", OK),
+            ))
+        txt = (text or {}).get(sid)
+        if txt is None:
+            txt = emb
+        w = ShardWriter(root, sid, dim, "float16")
+        w.write(EmbeddedBatch(sid, rows, emb.astype(np.float32), txt.astype(np.float32)))
+        w.close({"shard": sid, "samples": n, "ok": n, "status_counts": {OK: n}, "dim": dim})
+    update_manifest(root, dim=dim)
+    return root
