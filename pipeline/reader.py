@@ -30,24 +30,6 @@ class ReadTimeout(TimeoutError):
     """Reading the shard stalled longer than embed.read_timeout_s."""
 
 
-def _grouped(files: Iterator[dict[str, Any]]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by key; a repeated field starts a new sample with the same key."""
-    key: str | None = None
-    fields: dict[str, bytes] = {}
-    for f in files:
-        prefix, suffix = base_plus_ext(f["fname"])
-        if prefix is None:
-            continue
-        suffix = suffix.lower()
-        if key is not None and (prefix != key or suffix in fields):
-            yield key, fields
-            fields = {}
-        key = prefix
-        fields[suffix] = f["data"]
-    if key is not None:
-        yield key, fields
-
-
 def _sample_from_fields(key: str, index: int, fields: dict[str, bytes], image_keys: list[str], caption_keys: list[str]) -> RawSample:
     image = next((fields[k] for k in image_keys if k in fields), None)
     caption = next((fields[k] for k in caption_keys if k in fields), None)
@@ -62,28 +44,32 @@ def _sample_from_fields(key: str, index: int, fields: dict[str, bytes], image_ke
 
 
 def iter_tar(task: ShardTask, image_keys: list[str], caption_keys: list[str]) -> Iterator[RawSample]:
+    """Consecutive members with the same key form a sample; a repeated field starts a new one (duplicate key)."""
     index = 0
-    pending: tuple[str, dict[str, bytes]] | None = None
+    key: str | None = None
+    fields: dict[str, bytes] = {}
     with fsspec.open(task.input_url, "rb") as f:
         try:
-            # Look one sample ahead: the last sample before damage may be incomplete.
-            for item in _grouped(tar_file_iterator(f)):
-                if pending is not None:
-                    yield _sample_from_fields(*_with_index(pending, index), image_keys, caption_keys)
+            for member in tar_file_iterator(f):
+                prefix, suffix = base_plus_ext(member["fname"])
+                if prefix is None:
+                    continue
+                suffix = suffix.lower()
+                if key is not None and (prefix != key or suffix in fields):
+                    yield _sample_from_fields(key, index, fields, image_keys, caption_keys)
                     index += 1
-                pending = item
+                    fields = {}
+                key = prefix
+                fields[suffix] = member["data"]
         except DAMAGE_ERRORS as e:
-            if pending is not None:
-                s = _sample_from_fields(*_with_index(pending, index), image_keys, caption_keys)
-                s.error = f"truncated sample: shard damaged after it ({type(e).__name__}: {e})"
+            if key is not None:
+                # The sample being read when the archive broke may be missing members: keep it, flagged.
+                s = _sample_from_fields(key, index, fields, image_keys, caption_keys)
+                s.error = f"sample cut by shard damage ({type(e).__name__}: {e})"
                 yield s
             raise ShardDamaged(f"{type(e).__name__}: {e}") from e
-        if pending is not None:
-            yield _sample_from_fields(*_with_index(pending, index), image_keys, caption_keys)
-
-
-def _with_index(item: tuple[str, dict[str, bytes]], index: int) -> tuple[str, int, dict[str, bytes]]:
-    return item[0], index, item[1]
+    if key is not None:
+        yield _sample_from_fields(key, index, fields, image_keys, caption_keys)
 
 
 def iter_parquet(task: ShardTask, image_keys: list[str], caption_keys: list[str]) -> Iterator[RawSample]:

@@ -42,11 +42,16 @@ def get_model(cfg: Config) -> EmbeddingModel:
 
 def _batched(samples: Iterator[RawSample], size: int) -> Iterator[list[RawSample]]:
     buf: list[RawSample] = []
-    for s in samples:
-        buf.append(s)
-        if len(buf) == size:
+    try:
+        for s in samples:
+            buf.append(s)
+            if len(buf) == size:
+                yield buf
+                buf = []
+    except ShardDamaged:
+        if buf:  # the samples read before the damage are kept
             yield buf
-            buf = []
+        raise
     if buf:
         yield buf
 

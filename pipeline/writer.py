@@ -114,6 +114,10 @@ class ShardWriter:
         self._meta: list[pa.Table] = []
 
     def write(self, batch: EmbeddedBatch) -> None:
+        if not (len(batch.rows) == len(batch.image_emb) == len(batch.text_emb)):
+            raise RuntimeError(
+                f"shard {self.shard_id}: rows not aligned ({len(batch.rows)}, {len(batch.image_emb)}, {len(batch.text_emb)})"
+            )
         self._img.append(batch.image_emb.astype(self.dtype, copy=False))
         self._txt.append(batch.text_emb.astype(self.dtype, copy=False))
         self._meta.append(batch.metadata_table())
