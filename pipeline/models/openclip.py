@@ -86,6 +86,10 @@ class OpenClipModel(EmbeddingModel):
             if self.device.type != "cpu":
                 raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            # open_clip reads the compute dtype off a Linear weight, which quantized layers expose as a method.
+            for mod in model.modules():
+                if hasattr(mod, "get_cast_dtype"):
+                    mod.get_cast_dtype = lambda: torch.float32
         self.model = model
         self.cfg = cfg
         self._preprocess = preprocess
