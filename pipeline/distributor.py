@@ -7,6 +7,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -73,14 +74,15 @@ def _worker_main(
     """Entry of one pool process: pin a GPU, load nothing until the first task, then loop over tasks."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    import torch
-
-    torch.set_num_threads(threads)
+    # torch reads this when first imported (by the worker function's model), so workers share the cores.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     from pipeline.logs import setup_worker_logging
 
     cfg = Config.model_validate_json(cfg_json)
     setup_worker_logging(cfg.log_level)
     fn = resolve_worker(worker)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     while True:
         item = task_q.get()
         if item is None:

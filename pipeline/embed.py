@@ -51,8 +51,11 @@ def plan(cfg: Config) -> list[ShardTask]:
     return plan_shards(expand_input(cfg.input), cfg.output.rstrip("/"), cfg.embed.input_format, cfg.embed.folder_shard_size)
 
 
-def embed(cfg: Config) -> dict[str, Any]:
-    """Run the embed stage; returns the summary, raises JobFailed when a shard failed for good."""
+def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
+    """Run the embed stage; returns the summary, raises JobFailed when a shard failed for good.
+
+    `worker` is the importable per-shard function (tests inject faults through it).
+    """
     from pipeline.models import ModelLoadError
 
     tasks = plan(cfg)
@@ -83,7 +86,7 @@ def embed(cfg: Config) -> dict[str, Any]:
 
     try:
         results = get_distributor(cfg).run(
-            todo, WORKER, cfg.embed.max_shard_retries, on_result, timeout_s=cfg.embed.shard_timeout_s
+            todo, worker, cfg.embed.max_shard_retries, on_result, timeout_s=cfg.embed.shard_timeout_s
         )
     finally:
         bar.close()

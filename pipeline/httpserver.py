@@ -6,9 +6,10 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ def serve_directory(root: str | Path, host: str = "127.0.0.1", port: int = 0) ->
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
                               name="clipline-httpserver")
     thread.start()
-    bound_host, bound_port = server.server_address[:2]
-    url = f"http://{bound_host}:{bound_port}"
+    url = f"http://127.0.0.1:{server.server_address[1]}"
     log.debug("serving %s at %s", root, url)
     try:
         yield url

@@ -125,3 +125,29 @@ def write_fake_embed_output(
         w.close({"shard": sid, "samples": n, "ok": n, "status_counts": {OK: n}, "dim": dim})
     update_manifest(root, dim=dim)
     return root
+
+
+def _encoded(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    b = io.BytesIO()
+    img.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def hostile_samples() -> list[tuple[str, dict[str, bytes]]]:
+    """One sample per bad-data kind the embed stage must survive (see tests/test_runner.py for expectations)."""
+    good = jpeg_bytes(1)
+    palette = Image.new("P", (8, 8), 0)
+    return [
+        ("ok", {"jpg": good, "txt": b"fine"}),
+        ("corrupt", {"jpg": good[: len(good) // 3], "txt": b"truncated jpeg"}),
+        ("zero", {"jpg": b"", "txt": b"zero bytes"}),
+        ("html", {"jpg": b"<html>not an image</html>", "txt": b"html saved as jpg"}),
+        ("noimage", {"txt": b"only a caption"}),
+        ("nocaption", {"jpg": good}),
+        ("badutf8", {"jpg": good, "txt": b"caf\xe9"}),
+        ("bomb", {"png": _encoded(Image.new("1", (12000, 12000)), "PNG")}),
+        ("cmyk", {"jpg": _encoded(Image.new("CMYK", (16, 16), (0, 50, 50, 0)), "JPEG"), "txt": b"cmyk"}),
+        ("palette", {"png": _encoded(palette, "PNG", transparency=0), "txt": b"palette"}),
+        ("bigcaption", {"jpg": good, "txt": b"word " * 200_000}),
+        ("ok", {"jpg": good, "txt": b"duplicate key"}),
+    ]

@@ -130,3 +130,17 @@ def test_embedding_reader_and_autofaiss_read_output(clean_run: Path, tmp_path: P
                                index_infos_path=str(tmp_path / "i.json"), max_index_memory_usage="100M",
                                current_memory_available="1G", verbose=40)
     assert index is not None and index.ntotal == 120
+
+
+def test_tar_with_every_bad_data_kind_exits_0(tmp_path: Path, tiny_model: dict[str, str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers import hostile_samples, write_tar
+
+    samples = hostile_samples()
+    write_tar(tmp_path / "in" / "00000.tar", samples)
+    args = ["embed", f"input={tmp_path}/in", f"output={tmp_path}/out", *overrides(tiny_model), "embed.max_pixels=50000000"]
+    assert main(args) == 0
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "metadata_00000.parquet").to_pandas()
+    assert len(meta) == len(samples) and meta["index"].tolist() == list(range(len(samples)))
+    out = capsys.readouterr().out
+    assert "samples: 12" in out and "decode_error=2" in out and "too_large=1" in out

@@ -18,7 +18,7 @@ from pipeline.config import load_config
 from pipeline.runner import get_model, run_shard
 from pipeline.shards import ShardTask
 from pipeline.writer import committed_shards, read_stats, shard_files
-from tests.helpers import jpeg_bytes, overrides, write_tar
+from tests.helpers import hostile_samples, jpeg_bytes, overrides, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +35,6 @@ def _load(out: str, sid: str):
     with fsspec.open(f.metadata, "rb") as fh:
         meta = pq.read_table(fh).to_pandas()
     return img, txt, meta
-
-
-def _png(img: Image.Image) -> bytes:
-    b = io.BytesIO()
-    img.save(b, "PNG")
-    return b.getvalue()
 
 
 def test_embeddings_equal_open_clip_reference(tmp_path: Path, cfg, tiny_model: dict[str, str]) -> None:
@@ -69,26 +63,9 @@ def test_embeddings_equal_open_clip_reference(tmp_path: Path, cfg, tiny_model: d
 
 
 def test_every_bad_data_kind_is_accounted_for(tmp_path: Path, cfg) -> None:
-    good = jpeg_bytes(1)
-    p = Image.new("P", (8, 8), 0)
-    p.info["transparency"] = 0
-    samples = [
-        ("ok", {"jpg": good, "txt": b"fine"}),
-        ("corrupt", {"jpg": good[: len(good) // 3], "txt": b"truncated jpeg"}),
-        ("zero", {"jpg": b"", "txt": b"zero bytes"}),
-        ("html", {"jpg": b"<html>not an image</html>", "txt": b"html saved as jpg"}),
-        ("noimage", {"txt": b"only a caption"}),
-        ("nocaption", {"jpg": good}),
-        ("badutf8", {"jpg": good, "txt": b"caf\xe9"}),
-        ("bomb", {"png": _png(Image.new("1", (12000, 12000)))}),
-        ("cmyk", {"jpg": _jpeg_cmyk(), "txt": b"cmyk"}),
-        ("palette", {"png": _png(p), "txt": b"palette"}),
-        ("bigcaption", {"jpg": good, "txt": b"word " * 200_000}),
-        ("ok", {"jpg": good, "txt": b"duplicate key"}),
-    ]
+    samples = hostile_samples()
     tar = write_tar(tmp_path / "00000.tar", samples)
     cfg2 = cfg.model_copy(deep=True)
-    cfg2.embed.max_pixels = 100_000_000
     cfg2.embed.max_pixels = 50_000_000
     run_shard(ShardTask("00000", str(tar), str(tmp_path / "out"), "webdataset"), get_model(cfg), cfg2.embed)
     img, txt, meta = _load(str(tmp_path / "out"), "00000")
@@ -112,12 +89,6 @@ def test_every_bad_data_kind_is_accounted_for(tmp_path: Path, cfg) -> None:
     stats = read_stats(str(tmp_path / "out"), "00000")
     assert stats["samples"] == len(samples)
     assert stats["status_counts"] == {"ok": 7, "decode_error": 2, "empty_image": 1, "no_image": 1, "too_large": 1}
-
-
-def _jpeg_cmyk() -> bytes:
-    b = io.BytesIO()
-    Image.new("CMYK", (16, 16), (0, 50, 50, 0)).save(b, "JPEG")
-    return b.getvalue()
 
 
 def test_truncated_tar_commits_what_came_before(tmp_path: Path, cfg) -> None:

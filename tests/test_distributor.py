@@ -1,0 +1,61 @@
+"""The local process pool: results per task, crash detection and bounded retries, timeouts, the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.distributor import LocalDistributor, get_distributor
+from pipeline.shards import ShardTask
+from tests.faults import FAULT_DIR
+
+
+@pytest.fixture
+def tasks() -> list[ShardTask]:
+    return [ShardTask(f"{i:05d}", f"/in/{i}.tar", "/out", "webdataset") for i in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def fault_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(FAULT_DIR, str(tmp_path))
+    return tmp_path
+
+
+def _dist(processes: int = 2) -> LocalDistributor:
+    return LocalDistributor(load_config([f"local.processes={processes}", "local.threads=1"]))
+
+
+def test_every_task_gets_a_result(tasks: list[ShardTask]) -> None:
+    seen = []
+    results = _dist().run(tasks, "tests.faults:echo", max_retries=0, on_result=seen.append)
+    assert [r.task.shard_id for r in results] == [t.shard_id for t in tasks]
+    assert all(r.ok and r.attempts == 1 for r in results) and len(seen) == 4
+
+
+def test_crashed_worker_is_replaced_and_shard_retried(tasks: list[ShardTask]) -> None:
+    results = _dist().run(tasks, "tests.faults:crash_first_attempt", max_retries=1)
+    assert all(r.ok for r in results)
+    r1 = results[1]
+    assert r1.attempts == 2 and "died" in r1.errors[0] and r1.stats["attempt"] == 1
+
+
+def test_failure_past_the_bound_is_reported_and_others_complete(tasks: list[ShardTask], fault_dir: Path) -> None:
+    results = _dist().run(tasks, "tests.faults:always_raise_00002", max_retries=2)
+    bad = results[2]
+    assert not bad.ok and bad.attempts == 3 and len(bad.errors) == 3 and "injected failure" in bad.errors[-1]
+    assert [r.ok for r in results] == [True, True, False, True]
+    assert (fault_dir / "attempts_00002").read_text() == "3"
+
+
+def test_hanging_shard_times_out(tasks: list[ShardTask]) -> None:
+    results = _dist(processes=1).run(tasks[:2], "tests.faults:hang_00000", max_retries=1, timeout_s=5)
+    assert results[0].ok and results[0].attempts == 2 and "timed out" in results[0].errors[0]
+
+
+def test_unknown_backend_raises_at_once() -> None:
+    cfg = load_config([])
+    object.__setattr__(cfg, "distributor", "ray")
+    with pytest.raises(ValueError, match="unknown distributor 'ray'"):
+        get_distributor(cfg)
