@@ -109,7 +109,7 @@ def write_fake_embed_output(
         cols = (extra_meta or {}).get(sid, {})
         rows = []
         for i in range(n):
-            def col(name: str, default: Any) -> Any:
+            def col(name: str, default: Any, i: int = i, cols: dict[str, list[Any]] = cols) -> Any:
                 return cols[name][i] if name in cols else default
             rows.append(SampleRow(
                 key=col("key", f"{sid}{i:04d}"), index=i, caption=col("caption", f"caption {sid} {i}"),

@@ -121,3 +121,21 @@ def test_memory_filesystem_in_and_out(cfg) -> None:
     img, txt, meta = _load(out, "00003")
     assert meta["url"].tolist() == [f"u{i}" for i in range(5)] and (meta["caption_status"] == "missing").all()
     assert np.all(txt == 0) and img.shape == (5, 32)
+
+
+def test_draft_decode_of_large_jpeg_stays_within_tolerance(cfg) -> None:
+    """Pillow's reduced-scale JPEG decode gives (nearly) the same embedding as a full decode."""
+    from pipeline.decode import decode_image
+
+    model = get_model(cfg)
+    y, x = np.mgrid[0:1536, 0:2048].astype(np.float32)
+    arr = np.stack([np.sin(x / 90 + c) * np.cos(y / 70 - c) for c in (0, 1, 2)], -1) * 100 + 128
+    b = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(b, "JPEG", quality=92)
+    size = model.preprocess_info()["size"]
+    size = max(size) if isinstance(size, (list, tuple)) else size
+    full = decode_image(b.getvalue(), 10**9)
+    draft = decode_image(b.getvalue(), 10**9, draft_size=int(size))
+    assert draft.size[0] < full.size[0]
+    emb = model.encode_image(torch.stack([model.preprocess(full), model.preprocess(draft)])).numpy()
+    assert float(emb[0] @ emb[1]) >= 0.99
