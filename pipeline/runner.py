@@ -153,7 +153,7 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         "pid": os.getpid(),
         "dim": model.dim,
     }
-    return writer.close(stats)
+    return writer.close(stats, skip_if_committed=not cfg.overwrite)
 
 
 def embed_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:

@@ -122,8 +122,12 @@ class ShardWriter:
         self._txt.append(batch.text_emb.astype(self.dtype, copy=False))
         self._meta.append(batch.metadata_table())
 
-    def close(self, stats: dict[str, Any]) -> dict[str, Any]:
+    def close(self, stats: dict[str, Any], skip_if_committed: bool = False) -> dict[str, Any]:
         """Commit: data files by rename, then the stats file that marks the shard done."""
+        if skip_if_committed and self.fs.exists(self.files.stats):
+            # A retry or speculative copy finished second: the committed shard stays as it is.
+            with self.fs.open(self.files.stats, "r") as f:
+                return json.load(f)  # type: ignore[no-any-return]
         empty = np.zeros((0, self.dim), dtype=self.dtype)
         img = np.concatenate(self._img) if self._img else empty
         txt = np.concatenate(self._txt) if self._txt else empty
