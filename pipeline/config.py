@@ -61,7 +61,7 @@ class SparkConfig(_Section):
 class DownloadConfig(_Section):
     """img2dataset options passed through for `clipline download`."""
 
-    input_format: Literal["csv", "tsv", "parquet", "json", "jsonl", "txt", "csv.gz", "tsv.gz", "parquet.gz"] | None = (
+    input_format: Literal["csv", "tsv", "parquet", "json", "jsonl", "txt", "csv.gz", "tsv.gz", "txt.gz", "json.gz", "jsonl.gz"] | None = (
         Field(None, description="URL list format; None = from the file extension.")
     )
     url_col: str = Field("url", description="Column holding the image URL.")

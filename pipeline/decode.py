@@ -76,9 +76,14 @@ def decode_image(
                 # Keep the short side >= 2x the model input so the resize after it sees enough pixels.
                 k = 2 * draft_size / min(w, h)
                 img.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
+            loaded = img.size
             img.load()
             img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img, background)
+            out = to_rgb(img, background)
+            # Record the source size (draft decoding shrinks the pixels, EXIF rotation may swap the sides).
+            swapped = img.size != loaded
+            out.info["source_size"] = (h, w) if swapped else (w, h)
+            return out
     except SampleError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
@@ -136,7 +141,7 @@ class BatchDecoder:
             return row, None
         try:
             img = decode_image(s.image, self.max_pixels, self.background, self.draft_size)
-            row.width, row.height = img.size
+            row.width, row.height = img.info.get("source_size", img.size)
             return row, self.preprocess(img)
         except SampleError as e:
             row.status, row.error = e.status, str(e)

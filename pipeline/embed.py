@@ -11,7 +11,7 @@ from tqdm import tqdm
 from pipeline.config import Config, ConfigError, require
 from pipeline.distributor import TaskResult, get_distributor
 from pipeline.models import model_fingerprint
-from pipeline.shards import ShardTask, expand_input, plan_shards
+from pipeline.shards import ShardTask, drop_unfinished_downloads, expand_input, plan_shards
 from pipeline.summary import JobFailed, summarize_embed
 from pipeline.writer import (
     FORMAT_VERSION,
@@ -48,7 +48,11 @@ def plan(cfg: Config) -> list[ShardTask]:
     assert cfg.input is not None and cfg.output is not None
     if not (cfg.embed.image or cfg.embed.text):
         raise ConfigError("embed.image and embed.text are both false: nothing to embed")
-    return plan_shards(expand_input(cfg.input), cfg.output.rstrip("/"), cfg.embed.input_format, cfg.embed.folder_shard_size)
+    urls, unfinished = drop_unfinished_downloads(expand_input(cfg.input))
+    if unfinished:
+        log.warning("skipping %d tar(s) whose img2dataset download has not finished (no _stats.json): %s",
+                    len(unfinished), ", ".join(unfinished[:5]))
+    return plan_shards(urls, cfg.output.rstrip("/"), cfg.embed.input_format, cfg.embed.folder_shard_size)
 
 
 def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
@@ -68,7 +72,7 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
     swept = sweep_temporary(output) + remove_uncommitted(output)
     if swept:
         log.info("removed %d leftover files of an interrupted run", swept)
-    done = set(committed_shards(output))
+    done = set(committed_shards(output, include_empty=True))
     todo = [t for t in tasks if cfg.embed.overwrite or t.shard_id not in done]
     skipped = len(tasks) - len(todo)
     log.info("embed: %d shards planned, %d already committed, %d to do", len(tasks), skipped, len(todo))
@@ -107,4 +111,4 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
 
 def all_stats(output: str) -> list[dict[str, Any]]:
     """Stats of every committed shard (the same files on a local pool and on Spark)."""
-    return [read_stats(output, s) for s in committed_shards(output)]
+    return [read_stats(output, s) for s in committed_shards(output, include_empty=True)]

@@ -92,6 +92,9 @@ def plan_shards(urls: list[str], output: str, input_format: str = "auto", folder
         if not shards:
             raise ConfigError(f"input: no .tar, .parquet or image files among {unknown[:3]}")
         urls = shards
+    # img2dataset writes NNNNN.parquet (per-shard metadata) beside NNNNN.tar: the tar is the shard.
+    tar_stems = {u[: -len(".tar")] for u in urls if kinds[u] == "webdataset" and u.lower().endswith(".tar")}
+    urls = [u for u in urls if not (kinds[u] == "parquet" and u[: -len(".parquet")] in tar_stems)]
     tasks: list[ShardTask] = []
     images = [u for u in urls if kinds[u] == "image"]
     for u in urls:
@@ -110,3 +113,22 @@ def plan_shards(urls: list[str], output: str, input_format: str = "auto", folder
             )
         seen[t.shard_id] = t.input_url
     return sorted(tasks, key=lambda t: t.shard_id)
+
+
+def drop_unfinished_downloads(urls: list[str]) -> tuple[list[str], list[str]]:
+    """In an img2dataset output folder, a tar without its NNNNN_stats.json is still being written: skip it."""
+    keep, unfinished = [], []
+    by_dir: dict[str, set[str]] = {}
+    for u in urls:
+        if not u.lower().endswith(".tar"):
+            keep.append(u)
+            continue
+        d = posixpath.dirname(u)
+        if d not in by_dir:
+            fs, path = fsspec.core.url_to_fs(d)
+            by_dir[d] = {posixpath.basename(p) for p in fs.ls(path, detail=False) if p.endswith("_stats.json")}
+        stats = by_dir[d]
+        stem = posixpath.basename(u)[: -len(".tar")]
+        (keep if not stats or f"{stem}_stats.json" in stats else unfinished).append(u)
+    sidecars = {u[: -len(".tar")] + ".parquet" for u in unfinished}
+    return [u for u in keep if u not in sidecars], unfinished

@@ -318,7 +318,7 @@ class SparkDistributor(Distributor):
         groups = plan_groups(pending, self.cfg.spark.shards_per_task)
         payload = [[(i, ledger.tasks[i], ledger.next_attempt[i]) for i in g] for g in groups]
         outputs = sorted({ledger.tasks[i].output for i in pending})
-        before = {out: set(committed_shards(out)) for out in outputs}
+        before = {out: set(committed_shards(out, include_empty=True)) for out in outputs}
         body = functools.partial(
             run_partition, worker=worker, cfg_json=self.cfg.model_dump_json(), timeout_s=timeout_s,
             skip_committed=not self.cfg.embed.overwrite,
@@ -354,7 +354,7 @@ class SparkDistributor(Distributor):
 
     def _poll(self, ledger: _Ledger, pending: list[int], before: dict[str, set[str]]) -> None:
         """Report shards whose commit marker appeared since the round began."""
-        now = {out: set(committed_shards(out)) for out in before}
+        now = {out: set(committed_shards(out, include_empty=True)) for out in before}
         for i in pending:
             t = ledger.tasks[i]
             if not ledger.results[i].ok and t.shard_id in now[t.output] - before[t.output]:

@@ -69,14 +69,30 @@ def shard_id_of_stats(path: str) -> str:
     return name[len("stats_") : -len(".json")]
 
 
-def committed_shards(output: str) -> list[str]:
-    """Shard ids whose stats file (the commit marker, written last) exists, sorted."""
+def committed_shards(output: str, include_empty: bool = False) -> list[str]:
+    """Shard ids whose stats file (the commit marker, written last) exists, sorted.
+
+    A shard whose input held no sample commits a stats file only (no data files: embedding-reader's
+    parquet_npy mode would pair the following shards with the wrong metadata). Readers of embeddings get
+    only shards with data; the embed driver asks for empty ones too, so it does not redo them.
+    """
     fs, root = fsspec.core.url_to_fs(output)
     stats_dir = posixpath.join(root, "stats")
     if not fs.exists(stats_dir):
         return []
     names = [p for p in fs.ls(stats_dir, detail=False) if p.endswith(".json") and TMP_MARK not in p]
-    return sorted(shard_id_of_stats(p) for p in names)
+    done = sorted(shard_id_of_stats(p) for p in names)
+    if include_empty:
+        return done
+    meta_dir = posixpath.join(root, "metadata")
+    if not fs.exists(meta_dir):
+        return []
+    with_data = {
+        posixpath.basename(p)[len("metadata_") : -len(".parquet")]
+        for p in fs.ls(meta_dir, detail=False)
+        if p.endswith(".parquet") and TMP_MARK not in p
+    }
+    return [s for s in done if s in with_data]
 
 
 def read_stats(output: str, shard_id: str) -> dict[str, Any]:
@@ -135,6 +151,8 @@ class ShardWriter:
         if not (len(img) == len(txt) == meta.num_rows):
             raise RuntimeError(f"shard {self.shard_id}: rows not aligned ({len(img)}, {len(txt)}, {meta.num_rows})")
         t0 = time.perf_counter()
+        if meta.num_rows == 0:
+            return self._commit_stats(dict(stats, rows=0), t0)
         _put_bytes(self.fs, self.files.img_emb, _npy_bytes(img))
         _put_bytes(self.fs, self.files.text_emb, _npy_bytes(txt))
         _put_bytes(self.fs, self.files.metadata, _parquet_bytes(meta))
@@ -143,7 +161,9 @@ class ShardWriter:
             flat = pa.array(img.reshape(-1), type=emb_type.value_type)
             col = pa.FixedSizeListArray.from_arrays(flat, self.dim)
             _put_bytes(self.fs, self.files.parquet, _parquet_bytes(meta.append_column("embedding", col)))
-        stats = dict(stats, rows=int(meta.num_rows))
+        return self._commit_stats(dict(stats, rows=int(meta.num_rows)), t0)
+
+    def _commit_stats(self, stats: dict[str, Any], t0: float) -> dict[str, Any]:
         stats.setdefault("timings", {})["write"] = stats.get("timings", {}).get("write", 0.0) + time.perf_counter() - t0
         _put_bytes(self.fs, self.files.stats, json.dumps(stats, indent=1, sort_keys=True).encode())
         return stats
@@ -173,7 +193,7 @@ def sweep_temporary(output: str) -> int:
 def uncommitted_leftovers(output: str) -> list[str]:
     """Final-named data files of shards without a commit marker (from a job killed mid-commit)."""
     fs, root = fsspec.core.url_to_fs(output)
-    done = set(committed_shards(output))
+    done = set(committed_shards(output, include_empty=True))
     stray = []
     for sub, prefix, suffix in (
         ("img_emb", "img_emb_", ".npy"),

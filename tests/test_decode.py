@@ -49,7 +49,7 @@ def test_exif_orientation_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     out = decode_image(_bytes(img, "JPEG", exif=exif), LIMIT)
-    assert out.size == (10, 20)
+    assert out.size == (10, 20) and out.info["source_size"] == (10, 20)
 
 
 def test_failures_have_reasons() -> None:
@@ -95,6 +95,7 @@ def test_draft_mode_keeps_enough_resolution() -> None:
     drafted = decode_image(data, LIMIT, draft_size=224)
     assert full.size == (1600, 1200)
     assert min(drafted.size) >= 2 * 224 and drafted.size[0] < 1600
+    assert drafted.info["source_size"] == (1600, 1200)  # metadata keeps the source size
 
 
 def test_captions() -> None:

@@ -70,3 +70,20 @@ def test_no_usable_files(tmp_path: Path) -> None:
     _touch(tmp_path / "a.md")
     with pytest.raises(ConfigError):
         plan_shards(expand_input(str(tmp_path / "a.md")), "/out")
+
+
+def test_img2dataset_folder_tar_wins_and_unfinished_skipped(tmp_path: Path) -> None:
+    from pipeline.shards import drop_unfinished_downloads
+
+    for i in range(3):
+        _touch(tmp_path / f"{i:05d}.tar")
+        _touch(tmp_path / f"{i:05d}.parquet")
+    for i in range(2):  # shard 00002 is still downloading
+        _touch(tmp_path / f"{i:05d}_stats.json")
+    urls, unfinished = drop_unfinished_downloads(expand_input(str(tmp_path)))
+    assert unfinished == [str(tmp_path / "00002.tar")]
+    tasks = plan_shards(urls, "/out")
+    assert [(t.shard_id, t.kind) for t in tasks] == [("00000", "webdataset"), ("00001", "webdataset")]
+    plain = tmp_path / "plain"
+    _touch(plain / "00000.tar")
+    assert drop_unfinished_downloads(expand_input(str(plain)))[1] == []  # not an img2dataset folder

@@ -94,3 +94,15 @@ def test_misaligned_rows_refused(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="not aligned"):
         w.write(b)
     assert committed_shards(str(tmp_path)) == []
+
+
+def test_empty_shard_commits_stats_only(tmp_path) -> None:
+    out = str(tmp_path)
+    ShardWriter(out, "00000", dim=4).close({"shard": "00000"})
+    w = ShardWriter(out, "00001", dim=4)
+    w.write(_batch(2))
+    w.close({"shard": "00001"})
+    assert committed_shards(out, include_empty=True) == ["00000", "00001"]
+    assert committed_shards(out) == ["00001"]  # readers only see shards with data
+    assert not (tmp_path / "img_emb" / "img_emb_00000.npy").exists()
+    assert uncommitted_leftovers(out) == []
