@@ -108,6 +108,30 @@ Each stage resumes, so re-running processes only what is new.
 Example:
   clipline run --config conf/dataset/laion_sample.yaml""",
     },
+    "models": {
+        "fn": "pipeline.models.catalog:list_models_cli",
+        "help": "list the models available here and what each needs",
+        "doc": """
+List model families and what each needs: the offline ConSE model (installed or not),
+open_clip architectures and pretrained tags (and whether their weights are cached
+locally), and Hugging Face CLIP/SigLIP directories.
+
+Example:
+  clipline models --family open_clip""",
+    },
+    "classify": {
+        "fn": "pipeline.zeroshot:classify_cli",
+        "help": "zero-shot labels for embedded images from class names",
+        "doc": """
+Zero-shot classification of an embed output folder: class names are put in prompt templates,
+embedded with the model recorded in the manifest, averaged per class (as in the CLIP paper)
+and compared with the stored image embeddings. Writes OUTPUT/zeroshot/zeroshot_N.parquet
+(key, label_1..k, score_1..k); output= defaults to the embed folder.
+
+Example:
+  clipline classify input=/data/emb --class cat --class dog --class car \
+      --template "a photo of a {}." -k 2""",
+    },
     "demo": {
         "fn": "pipeline.demo:demo_cli",
         "help": "offline end-to-end demo on generated data",
@@ -142,6 +166,15 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
         sp.add_argument("--config", "-c", help="a YAML file merged over conf/base.yaml")
+        if name == "models":
+            sp.add_argument("--family", choices=["offline", "open_clip", "hf"], default=None, help="only this family")
+        if name == "classify":
+            sp.add_argument("--class", dest="classes", action="append", metavar="NAME", help="class name (repeatable)")
+            sp.add_argument("--classes-file", help="text file, one class name per line (# comments ok)")
+            sp.add_argument("--template", dest="templates", action="append", metavar="TEXT",
+                            help="prompt with {} for the class (repeatable; default 'a photo of a {}.')")
+            sp.add_argument("--templates-file", help="text file, one template per line")
+            sp.add_argument("-k", type=int, default=5, help="labels kept per image")
         if name == "query":
             g = sp.add_mutually_exclusive_group()
             g.add_argument("--text", action="append", help="text query (repeatable)")
@@ -199,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {"text": args.text, "image": args.image, "key": args.key}
     if args.command == "demo":
         kwargs = {"out_dir": args.out_dir, "n_images": args.n_images}
+    if args.command == "models":
+        kwargs = {"family": args.family}
+    if args.command == "classify":
+        kwargs = {"classes": args.classes, "templates": args.templates, "k": args.k,
+                  "classes_file": args.classes_file, "templates_file": args.templates_file}
     return run_command(args.command, spec["fn"], cfg, log, kwargs)
 
 

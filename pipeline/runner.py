@@ -36,7 +36,8 @@ def get_model(cfg: Config) -> EmbeddingModel:
         if hasattr(model, "trim_text"):
             model.trim_text = bool(model.trim_text and cfg.embed.trim_text)
         _MODEL_CACHE[key] = model
-        log.info("loaded model %s in %.1fs on %s", cfg.model.arch, time.perf_counter() - t0, model.device)
+        name = cfg.model.arch if cfg.model.family == "open_clip" else (cfg.model.path or cfg.model.family)
+        log.info("loaded %s model %s in %.1fs on %s", cfg.model.family, name, time.perf_counter() - t0, model.device)
     return _MODEL_CACHE[key]
 
 

@@ -100,7 +100,7 @@ def read_stats(output: str, shard_id: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _put_bytes(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
+def put_bytes(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
     """Write under a unique temporary name, then rename: a killed writer never leaves a whole-looking file."""
     tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     fs.makedirs(posixpath.dirname(final), exist_ok=True)
@@ -153,19 +153,19 @@ class ShardWriter:
         t0 = time.perf_counter()
         if meta.num_rows == 0:
             return self._commit_stats(dict(stats, rows=0), t0)
-        _put_bytes(self.fs, self.files.img_emb, _npy_bytes(img))
-        _put_bytes(self.fs, self.files.text_emb, _npy_bytes(txt))
-        _put_bytes(self.fs, self.files.metadata, _parquet_bytes(meta))
+        put_bytes(self.fs, self.files.img_emb, _npy_bytes(img))
+        put_bytes(self.fs, self.files.text_emb, _npy_bytes(txt))
+        put_bytes(self.fs, self.files.metadata, _parquet_bytes(meta))
         if self.write_parquet:
             emb_type = pa.list_(pa.float32() if self.dtype == np.float32 else pa.float16(), self.dim)
             flat = pa.array(img.reshape(-1), type=emb_type.value_type)
             col = pa.FixedSizeListArray.from_arrays(flat, self.dim)
-            _put_bytes(self.fs, self.files.parquet, _parquet_bytes(meta.append_column("embedding", col)))
+            put_bytes(self.fs, self.files.parquet, _parquet_bytes(meta.append_column("embedding", col)))
         return self._commit_stats(dict(stats, rows=int(meta.num_rows)), t0)
 
     def _commit_stats(self, stats: dict[str, Any], t0: float) -> dict[str, Any]:
         stats.setdefault("timings", {})["write"] = stats.get("timings", {}).get("write", 0.0) + time.perf_counter() - t0
-        _put_bytes(self.fs, self.files.stats, json.dumps(stats, indent=1, sort_keys=True).encode())
+        put_bytes(self.fs, self.files.stats, json.dumps(stats, indent=1, sort_keys=True).encode())
         return stats
 
 
@@ -262,7 +262,7 @@ def check_or_write_manifest(output: str, manifest: dict[str, Any]) -> None:
         return
     fs, path = fsspec.core.url_to_fs(manifest_path(output))
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    _put_bytes(fs, path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    put_bytes(fs, path, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
 def update_manifest(output: str, **fields: Any) -> None:
@@ -271,4 +271,4 @@ def update_manifest(output: str, **fields: Any) -> None:
         return
     m.update(fields)
     fs, path = fsspec.core.url_to_fs(manifest_path(output))
-    _put_bytes(fs, path, json.dumps(m, indent=1, sort_keys=True).encode())
+    put_bytes(fs, path, json.dumps(m, indent=1, sort_keys=True).encode())

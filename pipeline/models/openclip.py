@@ -93,7 +93,7 @@ class OpenClipModel(EmbeddingModel):
         self.model = model
         self.cfg = cfg
         self._preprocess = preprocess
-        self._tokenizer = open_clip.get_tokenizer(cfg.arch)
+        self._tokenizer = open_clip.get_tokenizer(cfg.arch, cache_dir=cfg.cache_dir)
         self.context_length = getattr(model, "context_length", None) or 77
         self.trim_text = _can_trim_text(model)
         self.dim = int(self._infer_dim())

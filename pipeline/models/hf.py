@@ -1,0 +1,182 @@
+"""The `hf` family: a Hugging Face transformers CLIP or SigLIP dual encoder saved in a local directory (model.path)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import EmbeddingModel, ModelLoadError, register, resolve_device, sha256_file
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+# SigLIP was trained on captions padded to the full length without an attention mask and pools the last
+# position, so its text must be padded the same way; CLIP pools at end-of-text under a causal mask,
+# so padding to the batch's longest caption gives the same vectors for less compute.
+PAD_TO_MAX_LENGTH = ("siglip",)
+# SigLIP 2's NaFlex processor returns patch sequences plus masks, not one CHW tensor per image.
+UNSUPPORTED = {"siglip2": "SigLIP 2 (NaFlex) is not supported by family=hf; use open_clip's ViT-*-SigLIP2 models"}
+HINT = (
+    "model.path must be a local directory written by save_pretrained() (config.json, weights, "
+    "preprocessor_config.json and tokenizer files), e.g. a snapshot folder of a pre-filled Hugging Face cache"
+)
+
+
+def model_dir(cfg: "ModelConfig") -> Path:
+    if not cfg.path:
+        raise ModelLoadError("model.family=hf needs model.path=DIR (or model=hf:DIR)")
+    path = Path(cfg.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model.path={cfg.path}: no config.json there. {HINT}")
+    return path
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    return _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
+    """Hashes of the weight files and of everything else in the folder (config, processor, tokenizer), not its path."""
+    root = model_dir(cfg)
+    weights: dict[str, str] = {}
+    rest = hashlib.sha256()
+    for p in _files(root):
+        rel = p.relative_to(root).as_posix()
+        if p.name.endswith(WEIGHT_SUFFIXES):
+            weights[rel] = _sha256(p)
+        else:
+            rest.update(rel.encode() + b"\0" + _sha256(p).encode() + b"\0")
+    if not weights:
+        raise ModelLoadError(f"model.path={cfg.path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}). {HINT}")
+    model_type = json.loads((root / "config.json").read_text()).get("model_type")
+    return {"family": "hf", "model_type": model_type, "weights_sha256": weights, "other_files_sha256": rest.hexdigest()}
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    """transformers 5 returns a ModelOutput whose pooler_output is the projected feature; 4.x returned the tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"unexpected feature output {type(out).__name__}")
+    return pooled  # type: ignore[no-any-return]
+
+
+def _final_side(processor: Any) -> int | None:
+    """The side of the square the processor feeds the model (what the decoder's draft mode needs)."""
+    for attr in ("crop_size", "size"):
+        val = getattr(processor, attr, None)
+        if isinstance(val, dict):
+            val = val.get("height") or val.get("shortest_edge")
+        elif val is not None and not isinstance(val, int):
+            val = getattr(val, "height", None) or getattr(val, "shortest_edge", None)
+        if attr == "crop_size" and not getattr(processor, "do_center_crop", False):
+            continue
+        if val:
+            return int(val)
+    return None
+
+
+class HFDualEncoder(EmbeddingModel):
+    """A transformers model with get_image_features/get_text_features plus its own image processor and tokenizer."""
+
+    def __init__(self, cfg: "ModelConfig") -> None:
+        root = model_dir(cfg)
+        self.device = resolve_device(cfg.device)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the folder; never ask the hub
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+        try:
+            config = AutoConfig.from_pretrained(root, local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"model.path={root}: cannot read config.json: {e}. {HINT}") from e
+        self.model_type = str(getattr(config, "model_type", ""))
+        if self.model_type in UNSUPPORTED:
+            raise ModelLoadError(UNSUPPORTED[self.model_type])
+        try:
+            model = AutoModel.from_pretrained(root, local_files_only=True)
+            self.processor = AutoImageProcessor.from_pretrained(root, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"model.path={root}: {type(e).__name__}: {e}. {HINT}") from e
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise ModelLoadError(f"model.path={root}: {type(model).__name__} is not an image-text dual encoder")
+        model.eval().to(self.device)
+        if cfg.precision == "int8":
+            if self.device.type != "cpu":
+                raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
+        text_cfg = getattr(config, "text_config", config)
+        self.context_length = int(getattr(text_cfg, "max_position_embeddings", 0) or 77)
+        self.pad_to_max = self.model_type in PAD_TO_MAX_LENGTH
+        self.dim = int(self.encode_text(self.tokenize(["a"])).shape[-1])
+
+    def preprocess(self, image: "Image.Image") -> torch.Tensor:
+        # Image processors keep no per-call state, so one instance serves every decode thread.
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]  # type: ignore[no-any-return]
+
+    def preprocess_info(self) -> dict[str, Any]:
+        p = self.processor
+        info: dict[str, Any] = {"processor": type(p).__name__, "size": _final_side(p)}
+        for attr in ("image_mean", "image_std", "resample", "do_center_crop", "do_resize", "rescale_factor"):
+            val = getattr(p, attr, None)
+            if val is not None:
+                info[attr] = list(val) if isinstance(val, tuple) else (int(val) if hasattr(val, "value") else val)
+        return info
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            texts,
+            padding="max_length" if self.pad_to_max else True,
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        keep = ("input_ids",) if self.pad_to_max else ("input_ids", "attention_mask")
+        return {k: enc[k] for k in keep if k in enc}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            out = self.model.get_image_features(pixel_values=pixels.to(self.device))
+        return F.normalize(_output_tensor(out).float(), dim=-1).cpu()
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            out = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})
+        return F.normalize(_output_tensor(out).float(), dim=-1).cpu()
+
+
+register("hf", HFDualEncoder, fingerprint)

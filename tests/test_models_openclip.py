@@ -1,0 +1,231 @@
+"""The open_clip backend: checkpoint and hub-cache loading, fast offline failures, equality with open_clip, trimming, int8."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.models import ModelLoadError, load_model, model_fingerprint, parse_model_string
+from pipeline.models.openclip import OpenClipModel, encode_text_trimmed
+from tests.helpers import TINY_ARCH, TINY_CONFIG, make_tiny_checkpoint, overrides
+
+CAPTIONS = ["", "a cat", "a photo of two dogs playing in the snow", "word " * 100, "naïve café, 2024!"]
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray((rng.random((40 + 7 * i, 50, 3)) * 255).astype("uint8")) for i in range(n)]
+
+
+def custom_checkpoint(root: Path, name: str, config: dict, seed: int = 0) -> dict[str, str]:
+    """A random-weight model of another open_clip config, saved the way make_tiny_checkpoint saves the tiny one."""
+    import open_clip
+
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / f"{name}.json"
+    cfg_path.write_text(json.dumps(config))
+    open_clip.factory._MODEL_CONFIGS[name] = config
+    torch.manual_seed(seed)
+    ckpt = root / f"{name}.pt"
+    torch.save(open_clip.create_model(name, pretrained=None).state_dict(), ckpt)
+    return {"model.arch": name, "model.checkpoint": str(ckpt), "model.model_config_file": str(cfg_path)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: dict[str, str]) -> OpenClipModel:
+    m = load_model(load_config([*overrides(tiny_model), "model.device=cpu"]).model)
+    assert isinstance(m, OpenClipModel)
+    return m
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # huggingface_hub reads the variable at import; set both so the test holds whatever imported it first.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_model_strings_parse() -> None:
+    assert parse_model_string("open_clip:ViT-B-32/laion2b_s34b_b79k") == {
+        "family": "open_clip", "arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+    assert parse_model_string("ViT-L-14") == {"family": "open_clip", "arch": "ViT-L-14", "pretrained": None}
+    assert parse_model_string("hf-hub:timm/ViT-B-16-SigLIP") == {
+        "family": "open_clip", "arch": "hf-hub:timm/ViT-B-16-SigLIP", "pretrained": None}
+    cfg = load_config(["model=open_clip:ViT-B-32/laion2b_s34b_b79k"]).model
+    assert (cfg.family, cfg.arch, cfg.pretrained) == ("open_clip", "ViT-B-32", "laion2b_s34b_b79k")
+
+
+def test_loads_from_checkpoint(tiny: OpenClipModel) -> None:
+    assert tiny.dim == TINY_CONFIG["embed_dim"] and tiny.device.type == "cpu"
+    assert tiny.preprocess(images(1)[0]).shape == (3, 32, 32)
+    assert tiny.preprocess_info()["size"] in (32, [32, 32])
+
+
+def test_embeddings_equal_open_clip_and_are_normalized(tiny: OpenClipModel, tiny_model: dict[str, str]) -> None:
+    import open_clip
+
+    ref, _, ref_pre = open_clip.create_model_and_transforms(TINY_ARCH, pretrained=tiny_model["model.checkpoint"])
+    ref.eval()
+    ims = images(3)
+    pixels = torch.stack([tiny.preprocess(im) for im in ims])
+    assert torch.equal(pixels, torch.stack([ref_pre(im) for im in ims]))
+    img, txt = tiny.encode_image(pixels), tiny.encode_text(tiny.tokenize(CAPTIONS))
+    with torch.no_grad():
+        ref_img = ref.encode_image(pixels)
+        ref_txt = ref.encode_text(open_clip.get_tokenizer(TINY_ARCH)(CAPTIONS))
+    assert F.cosine_similarity(img, ref_img).min().item() >= 0.999
+    assert F.cosine_similarity(txt, ref_txt).min().item() >= 0.999
+    assert torch.allclose(img.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(txt.norm(dim=1), torch.ones(len(CAPTIONS)), atol=1e-5)
+
+
+def test_trimmed_text_forward_equals_untrimmed(tiny: OpenClipModel) -> None:
+    assert tiny.trim_text
+    for batch in (CAPTIONS, ["a cat"], ["a cat", "a dog"]):
+        tokens = tiny.tokenize(batch)
+        with torch.no_grad():
+            full = tiny.model.encode_text(tokens)
+            trimmed = encode_text_trimmed(tiny.model, tokens)
+        assert (full - trimmed).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "text_cfg, custom",
+    [
+        ({"no_causal_mask": True, "pool_type": "last"}, False),  # bidirectional: padding reaches every token
+        ({"no_causal_mask": True, "pool_type": "last", "proj_bias": True}, True),  # SigLIP-style custom text tower
+    ],
+)
+def test_trimming_not_used_for_non_causal_text_towers(tmp_path: Path, text_cfg: dict, custom: bool) -> None:
+    import open_clip
+
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["text_cfg"].update(text_cfg, context_length=16)
+    if custom:
+        config["custom_text"] = True
+    name = f"tiny-noncausal-{int(custom)}"
+    ov = custom_checkpoint(tmp_path, name, config)
+    m = load_model(load_config([*overrides(ov), "model.device=cpu"]).model)
+    assert isinstance(m, OpenClipModel) and not m.trim_text
+    ref = open_clip.create_model(name, pretrained=ov["model.checkpoint"]).eval()
+    tokens = m.tokenize(CAPTIONS)
+    with torch.no_grad():
+        expected = F.normalize(ref.encode_text(tokens), dim=-1)
+    assert (m.encode_text(tokens) - expected).abs().max().item() < 1e-5
+
+
+def test_named_tag_unreachable_fails_fast_with_hint(tmp_path: Path, hub_offline: None) -> None:
+    cfg = load_config(["model=open_clip:ViT-B-32/laion2b_s34b_b79k", f"model.cache_dir={tmp_path}",
+                       "model.device=cpu"]).model
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        load_model(cfg)
+    assert time.perf_counter() - t0 < 10
+    msg = str(err.value)
+    assert "ViT-B-32" in msg and "laion2b_s34b_b79k" in msg
+    assert "model.checkpoint=" in msg and "HF_HUB_OFFLINE" in msg
+    assert model_fingerprint(cfg)["pretrained"] == "laion2b_s34b_b79k"  # identity needs no weights
+
+
+def test_hf_hub_id_unreachable_fails_fast(tmp_path: Path, hub_offline: None) -> None:
+    cfg = load_config(["model=hf-hub:clipline-test/not-cached", f"model.cache_dir={tmp_path}"]).model
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="clipline-test/not-cached"):
+        load_model(cfg)
+    assert time.perf_counter() - t0 < 10
+
+
+def _fill_hub_cache(cache: Path, repo_id: str, checkpoint: str) -> None:
+    """What a hub download leaves behind: blobs referenced by a snapshot of the commit in refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CONFIG, "preprocess_cfg": {}}))
+    (snap / "open_clip_pytorch_model.bin").write_bytes(Path(checkpoint).read_bytes())
+
+
+def test_hf_hub_id_loads_from_prefilled_default_cache(tmp_path: Path, tiny: OpenClipModel, tiny_model: dict[str, str],
+                                                     hub_offline: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fill_hub_cache(tmp_path, "clipline-test/tiny", tiny_model["model.checkpoint"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    m = load_model(load_config(["model=hf-hub:clipline-test/tiny", "model.device=cpu"]).model)
+    assert m.dim == tiny.dim
+    tokens = tiny.tokenize(["a cat"])
+    assert torch.allclose(m.encode_text(tokens), tiny.encode_text(tokens), atol=1e-6)
+
+
+def test_hf_hub_id_loads_from_prefilled_model_cache_dir(tmp_path: Path, tiny_model: dict[str, str],
+                                                        hub_offline: None) -> None:
+    _fill_hub_cache(tmp_path, "clipline-test/tiny2", tiny_model["model.checkpoint"])
+    m = load_model(load_config(["model=hf-hub:clipline-test/tiny2", f"model.cache_dir={tmp_path}",
+                                "model.device=cpu"]).model)
+    assert m.dim == TINY_CONFIG["embed_dim"]
+
+
+def test_fingerprint_follows_checkpoint_weights(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    cfg = load_config(overrides(tiny_model)).model
+    fp = model_fingerprint(cfg)
+    assert fp["family"] == "open_clip" and fp["arch"] == TINY_ARCH and len(fp["checkpoint_sha256"]) == 64
+    assert model_fingerprint(cfg) == fp
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)
+    assert model_fingerprint(load_config(overrides(other)).model)["checkpoint_sha256"] != fp["checkpoint_sha256"]
+    # Same path, new contents (a checkpoint overwritten in place) must change the identity too.
+    same_path = dict(tiny_model, **{"model.checkpoint": str(tmp_path / "ckpt.pt")})
+    Path(same_path["model.checkpoint"]).write_bytes(Path(tiny_model["model.checkpoint"]).read_bytes())
+    before = model_fingerprint(load_config(overrides(same_path)).model)
+    Path(same_path["model.checkpoint"]).write_bytes(Path(other["model.checkpoint"]).read_bytes())
+    assert model_fingerprint(load_config(overrides(same_path)).model) != before
+
+
+def test_missing_checkpoint_is_a_load_error(tmp_path: Path, tiny_model: dict[str, str]) -> None:
+    bad = dict(tiny_model, **{"model.checkpoint": str(tmp_path / "missing.pt")})
+    with pytest.raises(ModelLoadError, match="no such file"):
+        model_fingerprint(load_config(overrides(bad)).model)
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(load_config(overrides(bad)).model)
+
+
+def test_int8_close_to_fp32(tiny: OpenClipModel, tiny_model: dict[str, str]) -> None:
+    q = load_model(load_config([*overrides(tiny_model), "model.device=cpu", "model.precision=int8"]).model)
+    pixels = torch.stack([tiny.preprocess(im) for im in images(4)])
+    tokens = tiny.tokenize(CAPTIONS)
+    assert F.cosine_similarity(q.encode_image(pixels), tiny.encode_image(pixels)).min().item() >= 0.99
+    assert F.cosine_similarity(q.encode_text(tokens), tiny.encode_text(tokens)).min().item() >= 0.99
+
+
+def test_catalog_marks_cached_weights_and_lists_families(tmp_path: Path, tiny_model: dict[str, str]) -> None:
+    """`clipline models` (pipeline.models.catalog) reads the same cache open_clip and transformers would load from."""
+    from pipeline.models.catalog import hub_snapshots, list_models_cli, pretrained_cache_path
+
+    cache = str(tmp_path)
+    assert pretrained_cache_path("ViT-B-32", "laion2b_s34b_b79k", cache) is None
+    _fill_hub_cache(tmp_path, "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", tiny_model["model.checkpoint"])
+    found = pretrained_cache_path("ViT-B-32", "laion2b_s34b_b79k", cache)
+    assert found is not None and found.endswith("open_clip_pytorch_model.bin")
+    hf_snap = tmp_path / "models--org--tiny-clip" / "snapshots" / "c0ffee"
+    hf_snap.mkdir(parents=True)
+    (hf_snap / "config.json").write_text('{"model_type": "clip"}')
+    (tmp_path / "models--org--tiny-clip" / "refs").mkdir()
+    (tmp_path / "models--org--tiny-clip" / "refs" / "main").write_text("c0ffee")
+    kinds = {s.repo_id: s.kind for s in hub_snapshots(cache)}
+    assert kinds == {"laion/CLIP-ViT-B-32-laion2B-s34B-b79K": "open_clip", "org/tiny-clip": "clip"}
+
+    text = list_models_cli(load_config([f"model.cache_dir={cache}"]))
+    vit_b_32 = next(line for line in text.splitlines() if line.strip().startswith("ViT-B-32:"))
+    assert "*laion2b_s34b_b79k" in vit_b_32 and "*openai" not in vit_b_32
+    assert ", 1 cached." in text
+    assert "model=offline" in text and "installed: efficientnet-lite-pytorch" in text
+    assert f"model=hf:{hf_snap}" in text and "model=hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in text
+    assert list_models_cli(load_config([]), family="hf").startswith("hf  (model=hf:DIR")
