@@ -21,6 +21,19 @@ Image.MAX_IMAGE_PIXELS = None
 # Caption text beyond this many characters cannot change the first 77 tokens in practice; cutting it
 # keeps a 1 MB caption from costing seconds of BPE.
 MAX_CAPTION_CHARS = 20_000
+# BPE cost grows with the square of a word's length; no tokenizer keeps more than ~1,000 words anyway.
+MAX_WORD_CHARS = 256
+MAX_CAPTION_WORDS = 1024
+OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG also opens MPO
+Image.init()  # register every plugin now: open(formats=...) fails on one that is not loaded yet
+
+
+def caption_for_tokenizer(text: str) -> str:
+    """Bound the tokenizer's work without changing the leading tokens it keeps."""
+    if len(text) <= MAX_WORD_CHARS:
+        return text
+    words = text[:MAX_CAPTION_CHARS].split()[:MAX_CAPTION_WORDS]
+    return " ".join(w[:MAX_WORD_CHARS] for w in words)
 
 
 class SampleError(Exception):
@@ -68,7 +81,8 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            # Only formats that do not decode pixels inside open(): ICO, for one, would decode before our size check.
+            img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise SampleError("too_large", f"{w}x{h} = {w * h} pixels > embed.max_pixels={max_pixels}")
@@ -137,6 +151,8 @@ class BatchDecoder:
         if s.error:
             row.status, row.error = "read_error", s.error
             return row, None
+        if "_json_error" in s.meta:
+            row.error = "json sidecar is not valid JSON: url/sha256 unknown"
         if not self.embed_image:
             return row, None
         try:
@@ -166,7 +182,7 @@ class BatchDecoder:
         text_rows = [i for i, r in enumerate(rows) if r.caption is not None and r.status != "read_error"]
         tokens = None
         if self.tokenize is not None and text_rows:
-            texts = [rows[i].caption[:MAX_CAPTION_CHARS] for i in text_rows]  # type: ignore[index]
+            texts = [caption_for_tokenizer(rows[i].caption or "") for i in text_rows]
             with self._tok_lock:
                 tokens = self.tokenize(texts)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import math
 import os
@@ -221,6 +222,29 @@ def _foreign_json_aside(fs: Any, root: str) -> Iterator[None]:
             fs.rm(aside, recursive=True)
 
 
+def _repair_after_kill(fs: Any, root: str) -> None:
+    """Undo what a killed run can leave: files set aside, torn stats files (img2dataset writes them in place)."""
+    if not fs.exists(root):
+        return
+    aside = root.rstrip("/") + "/.clipline_aside"
+    if fs.exists(aside):
+        for p in fs.ls(aside, detail=False):
+            dest = root.rstrip("/") + "/" + posixpath.basename(p)
+            if not fs.exists(dest):
+                fs.mv(p, dest)
+        fs.rm(aside, recursive=True)
+    for sid, p in _stats_files(fs, root).items():
+        try:
+            with fs.open(p, "r") as f:
+                json.load(f)
+        except ValueError:
+            log.warning("shard %05d: torn stats file from an interrupted run; the shard will be redone", sid)
+            stem = p[: -len("_stats.json")]
+            for q in (p, stem + ".tar", stem + ".parquet"):
+                if fs.exists(q):
+                    fs.rm(q)
+
+
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
     """img2dataset and its spawned workers print progress on stdout, which is reserved for the summary."""
@@ -372,6 +396,7 @@ def download(cfg: Config) -> dict[str, Any]:
     dl = cfg.download
     expected = expected_shards(plan.rows_per_file, dl.number_sample_per_shard)
     fs, root = fsspec.core.url_to_fs(cfg.output)
+    _repair_after_kill(fs, root)
     before = set(_stats_files(fs, root)) if dl.incremental else set()
     log.info("%d URLs from %s -> %d shards in %s (%d already done)", plan.urls_in, plan.url_list, len(expected),
              cfg.output, len(before & set(expected)))
@@ -379,6 +404,9 @@ def download(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     if expected and set(expected) <= before:
         log.info("every shard is already done; nothing to download")
+        tmp = root.rstrip("/") + "/_tmp"
+        if fs.exists(tmp):  # img2dataset's work folder, left when a run was killed after its last shard
+            fs.rm(tmp, recursive=True)
     elif expected:
         with _foreign_json_aside(fs, root):
             _run_img2dataset(cfg, img2dataset_kwargs(cfg, plan))

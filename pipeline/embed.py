@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import fsspec
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError, require
@@ -21,6 +22,7 @@ from pipeline.writer import (
     read_stats,
     remove_uncommitted,
     sweep_temporary,
+    uncommit,
     update_manifest,
 )
 
@@ -48,7 +50,10 @@ def plan(cfg: Config) -> list[ShardTask]:
     assert cfg.input is not None and cfg.output is not None
     if not (cfg.embed.image or cfg.embed.text):
         raise ConfigError("embed.image and embed.text are both false: nothing to embed")
-    urls, unfinished = drop_unfinished_downloads(expand_input(cfg.input))
+    _, out_root = fsspec.core.url_to_fs(cfg.output.rstrip("/"))
+    # An output folder inside the input folder must not feed its own files back in as shards.
+    urls = [u for u in expand_input(cfg.input) if not fsspec.core.url_to_fs(u)[1].startswith(out_root + "/")]
+    urls, unfinished = drop_unfinished_downloads(urls)
     if unfinished:
         log.warning("skipping %d tar(s) whose img2dataset download has not finished (no _stats.json): %s",
                     len(unfinished), ", ".join(unfinished[:5]))
@@ -73,6 +78,11 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
     if swept:
         log.info("removed %d leftover files of an interrupted run", swept)
     done = set(committed_shards(output, include_empty=True))
+    for t in tasks:
+        if t.members and t.shard_id in done and read_stats(output, t.shard_id).get("members_sha256") != t.members_digest():
+            log.warning("folder shard %s: its images changed since it was embedded; redoing it", t.shard_id)
+            uncommit(output, t.shard_id)
+            done.discard(t.shard_id)
     todo = [t for t in tasks if cfg.embed.overwrite or t.shard_id not in done]
     skipped = len(tasks) - len(todo)
     log.info("embed: %d shards planned, %d already committed, %d to do", len(tasks), skipped, len(todo))
@@ -94,7 +104,9 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
         )
     finally:
         bar.close()
+        # Files of shards that did not commit (a worker died mid-commit) must not be seen by file-listing readers.
         sweep_temporary(output)
+        remove_uncommitted(output)
     wall = time.perf_counter() - t0
     failed = [r.task.shard_id for r in results if not r.ok]
     stats = [r.stats for r in results if r.ok and r.stats]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import posixpath
 import socket
@@ -14,6 +15,8 @@ from typing import Any
 import fsspec
 
 from pipeline.config import Config, to_dict
+
+log = logging.getLogger(__name__)
 
 LIBRARIES = ("clipline", "torch", "open_clip_torch", "img2dataset", "faiss-cpu", "faiss-gpu", "autofaiss",
              "pyarrow", "pyspark", "numpy", "webdataset", "fsspec")
@@ -47,8 +50,11 @@ class RunRecord:
         self.data.update(end_time=time.time(), exit_status=exit_status, summary=summary, error=error)
         if not self.output:
             return
-        fs, root = fsspec.core.url_to_fs(self.output)
-        if not fs.exists(root):
-            return  # nothing was written: keep it that way
-        with fs.open(posixpath.join(root, "run.json"), "w") as f:
-            json.dump(self.data, f, indent=1, default=str)
+        try:
+            fs, root = fsspec.core.url_to_fs(self.output)
+            if not fs.isdir(root):
+                return  # nothing was written: keep it that way
+            with fs.open(posixpath.join(root, "run.json"), "w") as f:
+                json.dump(self.data, f, indent=1, default=str)
+        except Exception as e:  # the job's outcome (its exit code) must never be masked by its record
+            log.warning("could not write run.json to %s: %s", self.output, e)

@@ -153,6 +153,7 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "dim": model.dim,
+        "members_sha256": task.members_digest(),
     }
     return writer.close(stats, skip_if_committed=not cfg.overwrite)
 

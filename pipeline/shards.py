@@ -27,6 +27,14 @@ class ShardTask:
     kind: str  # "webdataset" | "parquet" | "folder"
     members: tuple[str, ...] = ()  # folder inputs: the image URLs of this shard, sorted
 
+    def members_digest(self) -> str | None:
+        """Identifies a folder shard's content, so a committed one is redone when the folder changed."""
+        if not self.members:
+            return None
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.members).encode()).hexdigest()
+
 
 def shard_id_from_name(url: str) -> str:
     """Stable shard id from an input file name: numeric stems zero-padded to 5, others sanitized."""

@@ -95,6 +95,14 @@ def committed_shards(output: str, include_empty: bool = False) -> list[str]:
     return [s for s in done if s in with_data]
 
 
+def uncommit(output: str, shard_id: str) -> None:
+    """Remove a shard's commit marker (and so its claim to be done); its files are replaced when it is redone."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    path = shard_files(output, shard_id).stats
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def read_stats(output: str, shard_id: str) -> dict[str, Any]:
     with fsspec.open(shard_files(output, shard_id).stats, "r") as f:
         return json.load(f)
@@ -151,6 +159,9 @@ class ShardWriter:
         if not (len(img) == len(txt) == meta.num_rows):
             raise RuntimeError(f"shard {self.shard_id}: rows not aligned ({len(img)}, {len(txt)}, {meta.num_rows})")
         t0 = time.perf_counter()
+        if self.fs.exists(self.files.stats):
+            # Redoing a committed shard: un-commit it first, so a failure midway never leaves a mixed shard.
+            self.fs.rm(self.files.stats)
         if meta.num_rows == 0:
             return self._commit_stats(dict(stats, rows=0), t0)
         put_bytes(self.fs, self.files.img_emb, _npy_bytes(img))
@@ -239,7 +250,10 @@ def read_manifest(output: str) -> dict[str, Any] | None:
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as f:
-        return json.load(f)
+        try:
+            return json.load(f)  # type: ignore[no-any-return]
+        except ValueError as e:
+            raise ManifestMismatch(f"{manifest_path(output)} is not valid JSON ({e}); restore it or use a new output") from e
 
 
 def manifest_identity(m: dict[str, Any]) -> dict[str, Any]:
@@ -250,6 +264,8 @@ def manifest_identity(m: dict[str, Any]) -> dict[str, Any]:
 def check_or_write_manifest(output: str, manifest: dict[str, Any]) -> None:
     """Write the manifest, or verify an existing one describes the same embeddings."""
     existing = read_manifest(output)
+    if existing is not None and not committed_shards(output, include_empty=True):
+        existing = None  # nothing was ever committed (e.g. the model failed to load): the old manifest binds nothing
     if existing is not None:
         old, new = manifest_identity(existing), manifest_identity(manifest)
         if old != new:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.batch import OK
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.writer import put_bytes, committed_shards, read_manifest, shard_files
+from pipeline.writer import committed_shards, put_bytes, read_manifest, shard_files
 
 if TYPE_CHECKING:
     from pipeline.config import Config
