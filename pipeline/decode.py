@@ -92,7 +92,7 @@ def decode_image(
                 img.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
             loaded = img.size
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            img = ImageOps.exif_transpose(img) or img  # type: ignore[assignment]
             out = to_rgb(img, background)
             # Record the source size (draft decoding shrinks the pixels, EXIF rotation may swap the sides).
             swapped = img.size != loaded

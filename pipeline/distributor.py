@@ -232,5 +232,6 @@ def get_distributor(cfg: Config) -> Distributor:
     """The backend named by cfg.distributor; an unknown name raises ValueError at once."""
     if cfg.distributor not in _BACKENDS:
         raise ValueError(f"unknown distributor {cfg.distributor!r}; known: {', '.join(sorted(_BACKENDS))}")
-    cls = resolve_worker(_BACKENDS[cfg.distributor])
-    return cls(cfg)  # type: ignore[no-any-return,call-arg]
+    module, _, name = _BACKENDS[cfg.distributor].partition(":")
+    cls: type[Distributor] = getattr(importlib.import_module(module), name)
+    return cls(cfg)

@@ -97,7 +97,7 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         draft_size=_draft_size(model, cfg),
     )
     writer = ShardWriter(task.output, task.shard_id, model.dim, cfg.output_dtype, cfg.write_parquet)
-    timings = collections.Counter[str]()
+    timings: dict[str, float] = collections.defaultdict(float)
     status_counts = collections.Counter[str]()
     caption_counts = collections.Counter[str]()
     read_error = None

@@ -125,7 +125,8 @@ def plan_shards(urls: list[str], output: str, input_format: str = "auto", folder
 
 def drop_unfinished_downloads(urls: list[str]) -> tuple[list[str], list[str]]:
     """In an img2dataset output folder, a tar without its NNNNN_stats.json is still being written: skip it."""
-    keep, unfinished = [], []
+    keep: list[str] = []
+    unfinished: list[str] = []
     by_dir: dict[str, set[str]] = {}
     for u in urls:
         if not u.lower().endswith(".tar"):

@@ -72,7 +72,7 @@ class OpenClipModel(EmbeddingModel):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 cfg.arch,
-                pretrained=str(Path(weights).expanduser()) if cfg.checkpoint else weights,
+                pretrained=str(Path(cfg.checkpoint).expanduser()) if cfg.checkpoint else weights,
                 device=self.device,
                 cache_dir=cfg.cache_dir,
                 weights_only=True,
