@@ -202,9 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        # KEY=VALUE overrides may also come after options (`query --text T log_level=ERROR`).
+        args, extra = parser.parse_known_args(argv)
     except SystemExit as e:
         return int(e.code or 0) if e.code in (0, None) else EXIT_USAGE
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray:
+        print(f"clipline: unrecognized arguments: {' '.join(stray)}", file=sys.stderr)
+        return EXIT_USAGE
+    if extra and getattr(args, "overrides", None) is not None:
+        args.overrides = [*args.overrides, *extra]
     if args.version:
         from pipeline import __version__
 
@@ -243,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(command: str, fn_path: str, cfg: Config, log: logging.Logger, kwargs: dict[str, Any]) -> int:
     from pipeline.runinfo import RunRecord
 
-    record = RunRecord(command, cfg, cfg.output if command != "demo" else kwargs.get("out_dir"))
+    output = cfg.output
+    if command == "demo":
+        output = kwargs.get("out_dir")
+    elif command in ("index", "dedup") and not output and cfg.input:
+        output = f"{str(cfg.input).rstrip('/')}/{command}"  # the stages' own default output
+    record = RunRecord(command, cfg, output)
     try:
         result = _call(fn_path)(cfg, **kwargs)
     except ConfigError as e:

@@ -51,3 +51,9 @@ def test_console_script_and_job_entry_point(repo_root: Path) -> None:
     assert r.returncode == 2 and "foo: unknown key" in r.stderr
     r = subprocess.run(["clipline", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip()
+
+
+def test_overrides_after_options_are_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["query", "--text", "x", "foo=1"]) == 2  # parsed as an override, then refused by name
+    assert "foo: unknown key" in capsys.readouterr().err
+    assert main(["query", "--text", "x", "--bogus"]) == 2
