@@ -209,7 +209,7 @@ class LocalDistributor(Distributor):
                         settle(held[0], held[1], f"shard timed out after {timeout_s:.0f}s")
                         spawn(slot)
         finally:
-            for slot, p in procs.items():
+            for slot in procs:
                 try:
                     queues[slot].put(None)
                 except Exception:
