@@ -151,3 +151,20 @@ def hostile_samples() -> list[tuple[str, dict[str, bytes]]]:
         ("bigcaption", {"jpg": good, "txt": b"word " * 200_000}),
         ("ok", {"jpg": good, "txt": b"duplicate key"}),
     ]
+
+
+def load_shard(out: str, sid: str) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Read one committed embed shard back: (image embeddings, text embeddings, metadata DataFrame)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from pipeline.writer import shard_files
+
+    f = shard_files(out, sid)
+    with fsspec.open(f.img_emb, "rb") as fh:
+        img = np.load(fh, allow_pickle=False)
+    with fsspec.open(f.text_emb, "rb") as fh:
+        txt = np.load(fh, allow_pickle=False)
+    with fsspec.open(f.metadata, "rb") as fh:
+        meta = pq.read_table(fh).to_pandas()
+    return img, txt, meta

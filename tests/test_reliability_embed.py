@@ -17,7 +17,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -28,7 +27,7 @@ from pipeline.reader import ReadTimeout
 from pipeline.runner import get_model, run_shard
 from pipeline.shards import ShardTask
 from pipeline.summary import JobFailed
-from pipeline.writer import committed_shards, read_stats, shard_files, uncommitted_leftovers
+from pipeline.writer import committed_shards, read_stats, uncommitted_leftovers
 from tests.faults_storage import (
     FAULT_DIR,
     FaultyMemoryFS,
@@ -38,7 +37,7 @@ from tests.faults_storage import (
     jpeg_header_claiming,
     png_1bit,
 )
-from tests.helpers import jpeg_bytes, make_shards, overrides, write_tar
+from tests.helpers import jpeg_bytes, load_shard, make_shards, overrides, write_tar
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,15 +79,7 @@ def _tar_bytes(tmp_path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> b
     return write_tar(tmp_path / f"t{len(list(tmp_path.iterdir()))}.tar", samples).read_bytes()
 
 
-def _load(out: str, sid: str) -> tuple[np.ndarray, np.ndarray, Any]:
-    f = shard_files(out, sid)
-    with fsspec.open(f.img_emb, "rb") as fh:
-        img = np.load(fh)
-    with fsspec.open(f.text_emb, "rb") as fh:
-        txt = np.load(fh)
-    with fsspec.open(f.metadata, "rb") as fh:
-        meta = pq.read_table(fh).to_pandas()
-    return img, txt, meta
+_load = load_shard
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:

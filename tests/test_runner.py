@@ -9,7 +9,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import open_clip
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -17,8 +16,8 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.runner import get_model, run_shard
 from pipeline.shards import ShardTask
-from pipeline.writer import committed_shards, read_stats, shard_files
-from tests.helpers import hostile_samples, jpeg_bytes, overrides, write_tar
+from pipeline.writer import committed_shards, read_stats
+from tests.helpers import hostile_samples, jpeg_bytes, load_shard, overrides, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +25,7 @@ def cfg(tiny_model: dict[str, str]):
     return load_config(overrides(tiny_model) + ["embed.batch_size=4", "embed.output_dtype=float32"])
 
 
-def _load(out: str, sid: str):
-    f = shard_files(out, sid)
-    with fsspec.open(f.img_emb, "rb") as fh:
-        img = np.load(fh)
-    with fsspec.open(f.text_emb, "rb") as fh:
-        txt = np.load(fh)
-    with fsspec.open(f.metadata, "rb") as fh:
-        meta = pq.read_table(fh).to_pandas()
-    return img, txt, meta
+_load = load_shard
 
 
 def test_embeddings_equal_open_clip_reference(tmp_path: Path, cfg, tiny_model: dict[str, str]) -> None:
