@@ -276,6 +276,8 @@ def run_command(command: str, fn_path: str, cfg: Config, log: logging.Logger, kw
         record.finish(EXIT_FAILED, None, f"{type(e).__name__}: {e}")
         return EXIT_FAILED
     _print_result(command, result)
+    if isinstance(result, dict) and result.get("output") and not record.output:
+        record.output = str(result["output"])
     record.finish(EXIT_OK, result if isinstance(result, dict) else None)
     return EXIT_OK
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 import tarfile
 import uuid
 from typing import Any
@@ -16,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from webdataset.tariterators import base_plus_ext
 
 from pipeline.config import ConfigError
 from pipeline.shards import expand_input, shard_id_from_name
@@ -77,10 +77,14 @@ def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str
     put_bytes(fs, p, buf.getvalue())
 
 
+# webdataset's base_plus_ext rule (what the embed reader uses), restated: importing webdataset loads torch (~0.5 GB).
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def member_key(name: str) -> str | None:
     """The sample key of a tar member, as the embed reader derives it (basename of the part before the extension)."""
-    prefix, _ = base_plus_ext(name)
-    return posixpath.basename(prefix) if prefix is not None else None
+    m = _KEY_EXT.match(name)
+    return posixpath.basename(m.group(1)) if m else None
 
 
 def filter_tar(src: str, dst: str, keep: set[str]) -> dict[str, int]:

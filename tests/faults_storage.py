@@ -204,18 +204,18 @@ def fail_commit_of_00001(task: ShardTask, cfg: Config, attempt: int = 0) -> dict
 
     if task.shard_id != "00001":
         return embed_worker(task, cfg, attempt)
-    original = writer._put_bytes
+    original = writer.put_bytes
 
     def put(fs: Any, final: str, data: bytes) -> None:
         if "/metadata/" in final:
             raise InjectedFault(f"injected failure writing {final}")
         original(fs, final, data)
 
-    writer._put_bytes = put  # type: ignore[assignment]
+    writer.put_bytes = put  # type: ignore[assignment]
     try:
         return embed_worker(task, cfg, attempt)
     finally:
-        writer._put_bytes = original  # type: ignore[assignment]
+        writer.put_bytes = original  # type: ignore[assignment]
 
 
 # ---- hostile image bytes, built without allocating the pixels -------------------------------------------
