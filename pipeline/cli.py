@@ -105,8 +105,30 @@ Run the whole chain: input= is the URL list, output= the root; stages write to
 OUTPUT/shards, OUTPUT/embeddings, OUTPUT/embeddings/index and OUTPUT/embeddings/dedup.
 Each stage resumes, so re-running processes only what is new.
 
+input= may be one URL list or a folder of them: files added later are downloaded on the next
+run, only new shards are embedded and appended to the index, and dedup re-runs over the union.
+A lock file stops two runs on the same output. --stage runs only the named stage(s).
+
 Example:
-  clipline run --config conf/dataset/laion_sample.yaml""",
+  clipline run --config conf/dataset/example.yaml
+  clipline run --config conf/dataset/example.yaml --stage embed --stage index""",
+    },
+    "report": {
+        "fn": "pipeline.report:report_cli",
+        "help": "an HTML report of a run: counts, throughput, duplicates, queries, index quality",
+        "doc": """
+Write one self-contained HTML page (plots and thumbnails embedded: it opens offline) about the output root of
+`clipline run` or `clipline demo`: samples in, embedded and failed by reason; throughput over time and the embed
+time split; the CLIP score distribution; the nearest-neighbour similarity histogram with the dedup threshold; the
+largest duplicate groups and example text queries as thumbnails read from the shards; index type, size, recall and
+latency; provenance (model, versions, config, summary.json). Stages that did not run are reported as missing.
+Writes OUTPUT_DIR/report/index.html (output=DIR writes DIR/index.html). Example queries: --query (repeatable),
+default three captions sampled from the data. Exits 1 if a section failed to render (the rest is still written).
+
+Example:
+  clipline demo /tmp/clipline-demo
+  clipline report /tmp/clipline-demo --query "a photo of a cat" --query "a cup of coffee"
+  xdg-open /tmp/clipline-demo/report/index.html""",
     },
     "models": {
         "fn": "pipeline.models.catalog:list_models_cli",
@@ -164,8 +186,16 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("out_dir", nargs="?", default="clipline-demo", help="where the demo writes (default ./clipline-demo)")
             sp.add_argument("--n-images", type=int, default=None, help="size of the generated dataset")
             sp.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
+        if name == "report":
+            sp.add_argument("out_dir", nargs="?", default=None, help="output root of clipline run or demo (same as input=)")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
         sp.add_argument("--config", "-c", help="a YAML file merged over conf/base.yaml")
+        if name == "report":
+            sp.add_argument("--query", dest="queries", action="append", metavar="TEXT",
+                            help="example text query (repeatable; default: captions sampled from the data)")
+        if name == "run":
+            sp.add_argument("--stage", dest="stages", action="append", choices=["download", "embed", "index", "dedup"],
+                            help="run only this stage (repeatable; default: all four in order)")
         if name == "models":
             sp.add_argument("--family", choices=["offline", "open_clip", "hf"], default=None, help="only this family")
         if name == "classify":
@@ -227,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"query.k={args.k}")
         if args.format is not None:
             overrides.append(f"query.format={args.format}")
+    if args.command == "report" and args.out_dir is not None:
+        # `clipline report input=X` lands in out_dir too: then it is an override like the others
+        overrides.insert(0, args.out_dir if "=" in args.out_dir else f"input={args.out_dir}")
     try:
         cfg = load_config(overrides, args.config)
     except ConfigError as e:
@@ -241,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {"out_dir": args.out_dir, "n_images": args.n_images}
     if args.command == "models":
         kwargs = {"family": args.family}
+    if args.command == "report":
+        kwargs = {"queries": args.queries}
+    if args.command == "run" and args.stages:
+        kwargs = {"stages": tuple(args.stages)}
     if args.command == "classify":
         kwargs = {"classes": args.classes, "templates": args.templates, "k": args.k,
                   "classes_file": args.classes_file, "templates_file": args.templates_file}
