@@ -40,9 +40,18 @@ def generate(root: Path, n: int, dim: int, per_shard: int, seed: int = 0) -> Non
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // 60), dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    check_or_write_manifest(str(root), {"format_version": FORMAT_VERSION, "model": {"arch": "bench"},
-                                        "model_config": {"arch": "bench"}, "output_dtype": "float16",
-                                        "image": True, "text": True, "normalized": True})
+    check_or_write_manifest(
+        str(root),
+        {
+            "format_version": FORMAT_VERSION,
+            "model": {"arch": "bench"},
+            "model_config": {"arch": "bench"},
+            "output_dtype": "float16",
+            "image": True,
+            "text": True,
+            "normalized": True,
+        },
+    )
     t0 = time.perf_counter()
     for s in range(n_shards):
         m = min(per_shard, n - s * per_shard)
@@ -61,8 +70,21 @@ def generate(root: Path, n: int, dim: int, per_shard: int, seed: int = 0) -> Non
             if cos == (1.0, 1.0):
                 for r in rows:
                     sha[r] = f"copy-{centre[r]}"
-        rows_meta = [SampleRow(key=f"{s:05d}{i:05d}", index=i, caption=None, url=f"http://b/{s}/{i}.jpg", sha256=sha[i],
-                               width=256, height=256, status=OK, error=None, caption_status="missing") for i in range(m)]
+        rows_meta = [
+            SampleRow(
+                key=f"{s:05d}{i:05d}",
+                index=i,
+                caption=None,
+                url=f"http://b/{s}/{i}.jpg",
+                sha256=sha[i],
+                width=256,
+                height=256,
+                status=OK,
+                error=None,
+                caption_status="missing",
+            )
+            for i in range(m)
+        ]
         w = ShardWriter(str(root), f"{s:05d}", dim, "float16")
         w.write(EmbeddedBatch(f"{s:05d}", rows_meta, x, np.zeros_like(x)))
         w.close({"shard": f"{s:05d}", "samples": m, "status_counts": {OK: m}, "dim": dim})
@@ -98,9 +120,21 @@ def child(mode: str, data: str, out: str) -> None:
     s = dedup(load_config([f"input={data}", f"output={out}", f"dedup.mode={mode}"]))
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    keep = ("samples", "method", "groups", "dropped", "dropped_by_reason", "recall_estimate", "group_recall_estimate",
-            "recall_sample_pairs", "search", "time_split_seconds")
-    print(json.dumps({"mode": mode, "wall_s": round(wall, 1), "peak_rss_mb": round(peak), **{k: s.get(k) for k in keep}}))
+    keep = (
+        "samples",
+        "method",
+        "groups",
+        "dropped",
+        "dropped_by_reason",
+        "recall_estimate",
+        "group_recall_estimate",
+        "recall_sample_pairs",
+        "search",
+        "time_split_seconds",
+    )
+    print(
+        json.dumps({"mode": mode, "wall_s": round(wall, 1), "peak_rss_mb": round(peak), **{k: s.get(k) for k in keep}})
+    )
 
 
 def _hwm_mb(pid: int) -> float | None:

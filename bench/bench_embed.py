@@ -31,8 +31,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-WORDS = ("a photo of the red blue small large old new dog cat car house tree river mountain city street "
-         "person woman man child bird boat flower field beach sunset night snow kitchen table").split()
+WORDS = (
+    "a photo of the red blue small large old new dog cat car house tree river mountain city street "
+    "person woman man child bird boat flower field beach sunset night snow kitchen table"
+).split()
 
 
 def photo_like(rng: np.random.Generator, w: int, h: int) -> bytes:
@@ -60,8 +62,11 @@ def make_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> lis
         with tarfile.open(p, "w") as t:
             for i in range(per_shard):
                 key = f"{s:05d}{i:04d}"
-                fields = {"jpg": photo_like(rng, int(rng.integers(240, 400)), int(rng.integers(240, 400))),
-                          "txt": caption(rng).encode(), "json": json.dumps({"key": key}).encode()}
+                fields = {
+                    "jpg": photo_like(rng, int(rng.integers(240, 400)), int(rng.integers(240, 400))),
+                    "txt": caption(rng).encode(),
+                    "json": json.dumps({"key": key}).encode(),
+                }
                 for ext, data in fields.items():
                     ti = tarfile.TarInfo(f"{key}.{ext}")
                     ti.size = len(data)
@@ -113,11 +118,21 @@ def bare_forward(arch: str, ckpt: Path, shard_paths: list[str], batch: int, thre
 
 def run_embed(overrides: list[str], inp: str, out: Path) -> tuple[float, int]:
     """`clipline embed` in a child process; returns (samples/s over the whole command, child peak RSS KiB)."""
-    args = [sys.executable, "-m", "pipeline.cli", "embed", f"input={inp}", f"output={out}", *overrides,
-            "log_level=WARNING"]
-    code = ("import resource,subprocess,sys,time;t=time.perf_counter();"
-            "r=subprocess.run(sys.argv[1:]);dt=time.perf_counter()-t;"
-            "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(r.returncode)")
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "embed",
+        f"input={inp}",
+        f"output={out}",
+        *overrides,
+        "log_level=WARNING",
+    ]
+    code = (
+        "import resource,subprocess,sys,time;t=time.perf_counter();"
+        "r=subprocess.run(sys.argv[1:]);dt=time.perf_counter()-t;"
+        "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(r.returncode)"
+    )
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
@@ -146,31 +161,43 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
             int8.append(run_embed(ov + ["model.precision=int8"], inp, out8)[0])
             a, b = _load_all(out), _load_all(out8)
             cos.append(float(np.median(np.sum(a * b, axis=1))))
-        print(f"rep {rep}: bare {bare[-1]:.2f}/s  e2e {e2e[-1]:.2f}/s  ratio {e2e[-1] / bare[-1]:.2f}"
-              + (f"  int8 {int8[-1]:.2f}/s ({int8[-1] / e2e[-1]:.2f}x fp32, cosine {cos[-1]:.4f})" if int8 else ""),
-              flush=True)
+        print(
+            f"rep {rep}: bare {bare[-1]:.2f}/s  e2e {e2e[-1]:.2f}/s  ratio {e2e[-1] / bare[-1]:.2f}"
+            + (f"  int8 {int8[-1]:.2f}/s ({int8[-1] / e2e[-1]:.2f}x fp32, cosine {cos[-1]:.4f})" if int8 else ""),
+            flush=True,
+        )
     ratios = [e / b for e, b in zip(e2e, bare)]
     print(f"ViT-B-32 fp32 image+text, batch {args.batch}, {args.samples} samples in {args.shards} shards")
     print(f"  bare forward     median {statistics.median(bare):.2f} samples/s")
     print(f"  clipline embed   median {statistics.median(e2e):.2f} samples/s")
-    print(f"  end-to-end/bare  median ratio {statistics.median(ratios):.2f}  (per rep: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(
+        f"  end-to-end/bare  median ratio {statistics.median(ratios):.2f}  (per rep: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
     if int8:
         r8 = [a / b for a, b in zip(int8, e2e)]
-        print(f"  int8 end-to-end  median {statistics.median(int8):.2f} samples/s, {statistics.median(r8):.2f}x fp32, "
-              f"median cosine vs fp32 {statistics.median(cos):.4f}")
+        print(
+            f"  int8 end-to-end  median {statistics.median(int8):.2f} samples/s, {statistics.median(r8):.2f}x fp32, "
+            f"median cosine vs fp32 {statistics.median(cos):.4f}"
+        )
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
-    tiny = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}}
+    tiny = {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+    }
     ov = save_checkpoint("bench-tiny", work / "tiny.pt", tiny) + ["embed.batch_size=64"]
     make_shards(work / "mshards", 16, 200, seed=1)
     for mult in (1, 4, 16):
         inp = str(work / "mshards" / f"{{00000..{mult - 1:05d}}}.tar")
         t0 = time.perf_counter()
         rate, rss = run_embed(ov, inp, work / f"mem{mult}")
-        print(f"  {mult:>2}x shards ({mult * 200:>5} samples): {time.perf_counter() - t0:6.1f}s, "
-              f"{rate:7.1f} samples/s, peak worker RSS {rss / 1024:.0f} MiB", flush=True)
+        print(
+            f"  {mult:>2}x shards ({mult * 200:>5} samples): {time.perf_counter() - t0:6.1f}s, "
+            f"{rate:7.1f} samples/s, peak worker RSS {rss / 1024:.0f} MiB",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -183,8 +210,11 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
-    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
-          f"RSS limit {resource.getrlimit(resource.RLIMIT_AS)[0]}", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
+        f"RSS limit {resource.getrlimit(resource.RLIMIT_AS)[0]}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="clipline-bench-") as tmp:
         work = Path(tmp)
         if not args.skip_throughput:

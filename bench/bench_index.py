@@ -37,9 +37,18 @@ def generate(root: Path, n: int, dim: int, per_shard: int, clusters: int, seed: 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(clusters, 1), dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    check_or_write_manifest(str(root), {"format_version": FORMAT_VERSION, "model": {"arch": "bench"},
-                                        "model_config": {"arch": "bench"}, "output_dtype": "float16",
-                                        "image": True, "text": True, "normalized": True})
+    check_or_write_manifest(
+        str(root),
+        {
+            "format_version": FORMAT_VERSION,
+            "model": {"arch": "bench"},
+            "model_config": {"arch": "bench"},
+            "output_dtype": "float16",
+            "image": True,
+            "text": True,
+            "normalized": True,
+        },
+    )
     for s in range(n_shards):
         sid = f"{s:05d}"
         m = min(per_shard, n - s * per_shard)
@@ -50,8 +59,21 @@ def generate(root: Path, n: int, dim: int, per_shard: int, clusters: int, seed: 
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         t = rng.standard_normal((m, dim)).astype(np.float32) * (1.0 / np.sqrt(dim)) + x
         t /= np.linalg.norm(t, axis=1, keepdims=True)
-        rows = [SampleRow(key=f"{sid}{i:05d}", index=i, caption=f"caption {i}", url=f"http://b/{sid}/{i}", sha256=None,
-                          width=64, height=64, status=OK, error=None, caption_status=OK) for i in range(m)]
+        rows = [
+            SampleRow(
+                key=f"{sid}{i:05d}",
+                index=i,
+                caption=f"caption {i}",
+                url=f"http://b/{sid}/{i}",
+                sha256=None,
+                width=64,
+                height=64,
+                status=OK,
+                error=None,
+                caption_status=OK,
+            )
+            for i in range(m)
+        ]
         w = ShardWriter(str(root), sid, dim, "float16")
         w.write(EmbeddedBatch(sid, rows, x, t))
         w.close({"shard": sid, "samples": m, "ok": m, "status_counts": {OK: m}, "dim": dim})
@@ -84,9 +106,16 @@ def main() -> None:
     print(f"data: {data} ({time.perf_counter() - t0:.1f}s)", flush=True)
     out = data / "index"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = load_config([f"input={data}", f"output={out}", "index.modalities=[image]",
-                       f"index.max_index_memory_usage={args.budget}", f"index.current_memory_available={args.memory}",
-                       f"index.recall_queries={args.queries}"])
+    cfg = load_config(
+        [
+            f"input={data}",
+            f"output={out}",
+            "index.modalities=[image]",
+            f"index.max_index_memory_usage={args.budget}",
+            f"index.current_memory_available={args.memory}",
+            f"index.recall_queries={args.queries}",
+        ]
+    )
     cfg.index.index_key = args.index_key
     cfg.index.nb_cores = args.cores
     t0 = time.perf_counter()
@@ -106,11 +135,19 @@ def main() -> None:
     searcher.search_vectors(q, k=10)
     batch_ms = (time.perf_counter() - t) * 1000
     result = {
-        "n": args.n, "dim": args.dim, "clusters": args.clusters, "budget": args.budget, "cores": args.cores,
-        "build_seconds": round(build_s, 1), "peak_rss_gb": round(rss_gb, 2), "index": summary["image"],
-        "searcher_mmap_single_query_ms": {"avg": round(float(np.mean(times)), 3),
-                                          "p50": round(float(np.percentile(times, 50)), 3),
-                                          "p99": round(float(np.percentile(times, 99)), 3)},
+        "n": args.n,
+        "dim": args.dim,
+        "clusters": args.clusters,
+        "budget": args.budget,
+        "cores": args.cores,
+        "build_seconds": round(build_s, 1),
+        "peak_rss_gb": round(rss_gb, 2),
+        "index": summary["image"],
+        "searcher_mmap_single_query_ms": {
+            "avg": round(float(np.mean(times)), 3),
+            "p50": round(float(np.percentile(times, 50)), 3),
+            "p99": round(float(np.percentile(times, 99)), 3),
+        },
         "searcher_batch_ms_per_query": round(batch_ms / len(q), 3),
     }
     print(json.dumps(result, indent=1))

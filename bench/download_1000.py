@@ -29,8 +29,9 @@ def make_site(root: Path) -> list[str]:
     from pipeline.demo_data import build_demo_dataset
 
     demo = build_demo_dataset(root / "demo")
-    photos = sorted(p for p in demo.images_dir.glob("*.jpg")
-                    if p.name not in demo.truth["broken"] and p.stat().st_size > 0)
+    photos = sorted(
+        p for p in demo.images_dir.glob("*.jpg") if p.name not in demo.truth["broken"] and p.stat().st_size > 0
+    )
     site = root / "site"
     site.mkdir()
     missing = {7 + k * (N_URLS // N_404) for k in range(N_404)}
@@ -73,9 +74,17 @@ def main() -> int:
             pq.write_table(pa.table({"url": urls, "caption": [f"photo {n}" for n in names]}), url_list)
             out = root / "shards"
             t0 = time.perf_counter()
-            rc = clipline(["download", f"input={url_list}", f"output={out}",
-                           f"download.processes_count={args.processes}", f"download.thread_count={args.threads}",
-                           f"download.number_sample_per_shard={args.per_shard}", "log_level=WARNING"])
+            rc = clipline(
+                [
+                    "download",
+                    f"input={url_list}",
+                    f"output={out}",
+                    f"download.processes_count={args.processes}",
+                    f"download.thread_count={args.threads}",
+                    f"download.number_sample_per_shard={args.per_shard}",
+                    "log_level=WARNING",
+                ]
+            )
             wall = time.perf_counter() - t0
         summary = json.loads((out / "run.json").read_text())["summary"]
         rows = pa.concat_tables([pq.read_table(p, columns=["url", "status"]) for p in sorted(out.glob("*.parquet"))])
@@ -88,13 +97,19 @@ def main() -> int:
         print(f"URLs in:              {summary['urls_in']}  (planted: {N_404} x 404, {N_HTML} x HTML-as-jpg)")
         print(f"images written:       {summary['images_written']}")
         print(f"failures by reason:   {summary['failures_by_reason']}")
-        print(f"every URL accounted:  {accounted and summary['unaccounted'] == 0} "
-              f"(parquet rows {len(seen)}, distinct {len(set(seen))}, summary unaccounted {summary['unaccounted']})")
+        print(
+            f"every URL accounted:  {accounted and summary['unaccounted'] == 0} "
+            f"(parquet rows {len(seen)}, distinct {len(set(seen))}, summary unaccounted {summary['unaccounted']})"
+        )
         print(f"shards:               {summary['shards']}")
-        print(f"throughput:           {summary['urls_per_second']} URLs/s over the stage "
-              f"({summary['seconds']} s incl. img2dataset process start-up; wall {wall:.1f} s)")
-        print(f"in-shard throughput:  {sum(s['count'] for s in stats) / span:.0f} URLs/s "
-              f"(first shard start to last shard end, {span:.1f} s, from img2dataset's stats files)")
+        print(
+            f"throughput:           {summary['urls_per_second']} URLs/s over the stage "
+            f"({summary['seconds']} s incl. img2dataset process start-up; wall {wall:.1f} s)"
+        )
+        print(
+            f"in-shard throughput:  {sum(s['count'] for s in stats) / span:.0f} URLs/s "
+            f"(first shard start to last shard end, {span:.1f} s, from img2dataset's stats files)"
+        )
         print(f"settings:             processes={args.processes} threads={args.threads} cpus={os.cpu_count()}")
         return 0 if rc == 0 and accounted else 1
     finally:

@@ -109,15 +109,20 @@ def list_url_files(fs: Any, folder: str, input_format: str | None) -> list[str]:
         names = [n for n in names if n.endswith("." + input_format)]
     formats = sorted({str(format_of(n)) for n in names})
     if len(formats) > 1:
-        raise ConfigError(f"download.input_format: {folder} mixes URL-list formats {formats}; set download.input_format "
-                          "or keep one format per folder")
+        raise ConfigError(
+            f"download.input_format: {folder} mixes URL-list formats {formats}; set download.input_format "
+            "or keep one format per folder"
+        )
     if not names:
-        raise ConfigError(f"input: no URL list ({'*.' + input_format if input_format else 'csv, parquet, ...'}) in {folder}")
+        raise ConfigError(
+            f"input: no URL list ({'*.' + input_format if input_format else 'csv, parquet, ...'}) in {folder}"
+        )
     return names
 
 
-def ingest_url_lists(source: str, paths: ChainLayout, input_format: str | None,
-                     check: Callable[[str], Any] | None = None) -> dict[str, Any]:
+def ingest_url_lists(
+    source: str, paths: ChainLayout, input_format: str | None, check: Callable[[str], Any] | None = None
+) -> dict[str, Any]:
     """Stage the new URL-list files of `source` (a folder) into paths.url_lists exactly once; returns what changed.
 
     `check(url_list)` validates a new file (columns...) before it is staged, so a file refused by the download stage
@@ -136,11 +141,16 @@ def ingest_url_lists(source: str, paths: ChainLayout, input_format: str | None,
             raise ConfigError(
                 f"input: {name} in {source} changed since it was downloaded into {paths.root} (it was staged as "
                 f"url_lists/{entry['staged']}); URL lists are append-only by file: restore it and put new URLs in a new "
-                "file, or use a new output")
+                "file, or use a new output"
+            )
     gone = sorted(set(known) - set(names))
     if gone:
-        log.warning("%d URL list(s) downloaded earlier are no longer in %s (their shards are kept): %s", len(gone),
-                    source, ", ".join(gone[:5]))
+        log.warning(
+            "%d URL list(s) downloaded earlier are no longer in %s (their shards are kept): %s",
+            len(gone),
+            source,
+            ", ".join(gone[:5]),
+        )
     out_fs, staged_dir = fsspec.core.url_to_fs(paths.url_lists)
     out_fs.makedirs(staged_dir, exist_ok=True)
     _drop_unrecorded(out_fs, staged_dir, {e["staged"] for e in ledger["files"]})
@@ -154,8 +164,15 @@ def ingest_url_lists(source: str, paths: ChainLayout, input_format: str | None,
         tmp = f"{final}{TMP_MARK}{os.getpid()}"
         digest = _sha256(fs, posixpath.join(folder, name), copy_to=tmp)
         out_fs.mv(fsspec.core.url_to_fs(tmp)[1], fsspec.core.url_to_fs(final)[1])
-        ledger["files"].append({"name": name, "staged": staged, "size": fs.size(posixpath.join(folder, name)),
-                                "sha256": digest, "added": time.time()})
+        ledger["files"].append(
+            {
+                "name": name,
+                "staged": staged,
+                "size": fs.size(posixpath.join(folder, name)),
+                "sha256": digest,
+                "added": time.time(),
+            }
+        )
     if new:
         ledger["source"] = source
         # Written after the copies and before any download: a killed run leaves copies the ledger does not name,
@@ -280,22 +297,33 @@ class _SummaryRecord:
         except ValueError:
             previous = {}
         self.data: dict[str, Any] = {
-            "format_version": SUMMARY_VERSION, "output": paths.root, "host": socket.gethostname(), "pid": os.getpid(),
-            "stages_run": [s for s in STAGES if s in stages], "started": time.time(),
+            "format_version": SUMMARY_VERSION,
+            "output": paths.root,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "stages_run": [s for s in STAGES if s in stages],
+            "started": time.time(),
             "stages": dict(previous.get("stages", {})),
         }
 
     def stage(self, stage: str, t0: float, summary: dict[str, Any] | None, error: BaseException | None) -> None:
         t1 = time.time()
         self.data["stages"][stage] = {
-            "status": "ok" if error is None else "failed", "exit_status": exit_status(error),
+            "status": "ok" if error is None else "failed",
+            "exit_status": exit_status(error),
             "error": None if error is None else f"{type(error).__name__}: {error}",
-            "started": t0, "finished": t1, "seconds": round(t1 - t0, 2), "summary": summary or {},
+            "started": t0,
+            "finished": t1,
+            "seconds": round(t1 - t0, 2),
+            "summary": summary or {},
         }
 
     def finish(self, error: BaseException | None) -> None:
-        self.data.update(finished=time.time(), exit_status=exit_status(error),
-                         error=None if error is None else f"{type(error).__name__}: {error}")
+        self.data.update(
+            finished=time.time(),
+            exit_status=exit_status(error),
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        )
         self.data["seconds"] = round(self.data["finished"] - self.data["started"], 2)
         self.data["new_this_run"] = _new_this_run(self.data)
         try:
@@ -309,8 +337,11 @@ def _new_this_run(data: dict[str, Any]) -> dict[str, Any]:
     s = {k: v.get("summary", {}) for k, v in data["stages"].items() if k in data["stages_run"]}
     out: dict[str, Any] = {}
     if "download" in s:
-        out.update(url_lists=s["download"].get("url_lists_new"), urls=s["download"].get("urls_downloaded"),
-                   images=s["download"].get("images_downloaded"))
+        out.update(
+            url_lists=s["download"].get("url_lists_new"),
+            urls=s["download"].get("urls_downloaded"),
+            images=s["download"].get("images_downloaded"),
+        )
     if "embed" in s:
         out.update(shards_embedded=s["embed"].get("shards_done"), samples_embedded=s["embed"].get("samples_ok"))
     if "index" in s:

@@ -179,30 +179,51 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, spec in COMMANDS.items():
         sp = sub.add_parser(
-            name, help=spec["help"], description=textwrap.dedent(spec["doc"]).strip() + "\n" + COMMON,
+            name,
+            help=spec["help"],
+            description=textwrap.dedent(spec["doc"]).strip() + "\n" + COMMON,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name == "demo":
-            sp.add_argument("out_dir", nargs="?", default="clipline-demo", help="where the demo writes (default ./clipline-demo)")
+            sp.add_argument(
+                "out_dir", nargs="?", default="clipline-demo", help="where the demo writes (default ./clipline-demo)"
+            )
             sp.add_argument("--n-images", type=int, default=None, help="size of the generated dataset")
             sp.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
         if name == "report":
-            sp.add_argument("out_dir", nargs="?", default=None, help="output root of clipline run or demo (same as input=)")
+            sp.add_argument(
+                "out_dir", nargs="?", default=None, help="output root of clipline run or demo (same as input=)"
+            )
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
         sp.add_argument("--config", "-c", help="a YAML file merged over conf/base.yaml")
         if name == "report":
-            sp.add_argument("--query", dest="queries", action="append", metavar="TEXT",
-                            help="example text query (repeatable; default: captions sampled from the data)")
+            sp.add_argument(
+                "--query",
+                dest="queries",
+                action="append",
+                metavar="TEXT",
+                help="example text query (repeatable; default: captions sampled from the data)",
+            )
         if name == "run":
-            sp.add_argument("--stage", dest="stages", action="append", choices=["download", "embed", "index", "dedup"],
-                            help="run only this stage (repeatable; default: all four in order)")
+            sp.add_argument(
+                "--stage",
+                dest="stages",
+                action="append",
+                choices=["download", "embed", "index", "dedup"],
+                help="run only this stage (repeatable; default: all four in order)",
+            )
         if name == "models":
             sp.add_argument("--family", choices=["offline", "open_clip", "hf"], default=None, help="only this family")
         if name == "classify":
             sp.add_argument("--class", dest="classes", action="append", metavar="NAME", help="class name (repeatable)")
             sp.add_argument("--classes-file", help="text file, one class name per line (# comments ok)")
-            sp.add_argument("--template", dest="templates", action="append", metavar="TEXT",
-                            help="prompt with {} for the class (repeatable; default 'a photo of a {}.')")
+            sp.add_argument(
+                "--template",
+                dest="templates",
+                action="append",
+                metavar="TEXT",
+                help="prompt with {} for the class (repeatable; default 'a photo of a {}.')",
+            )
             sp.add_argument("--templates-file", help="text file, one template per line")
             sp.add_argument("-k", type=int, default=5, help="labels kept per image")
         if name == "query":
@@ -279,8 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and args.stages:
         kwargs = {"stages": tuple(args.stages)}
     if args.command == "classify":
-        kwargs = {"classes": args.classes, "templates": args.templates, "k": args.k,
-                  "classes_file": args.classes_file, "templates_file": args.templates_file}
+        kwargs = {
+            "classes": args.classes,
+            "templates": args.templates,
+            "k": args.k,
+            "classes_file": args.classes_file,
+            "templates_file": args.templates_file,
+        }
     return run_command(args.command, spec["fn"], cfg, log, kwargs)
 
 
@@ -325,4 +351,3 @@ def entrypoint() -> None:
 
 if __name__ == "__main__":
     entrypoint()
-

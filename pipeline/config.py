@@ -29,7 +29,9 @@ class ModelConfig(_Section):
         "open_clip", description="Model family: open_clip, hf (transformers CLIP/SigLIP directory) or offline (ConSE)."
     )
     arch: str = Field("ViT-B-32", description="open_clip architecture name, or an hf-hub:org/name id.")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or weights file.")
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or weights file."
+    )
     checkpoint: str | None = Field(None, description="Local checkpoint file (state dict); overrides `pretrained`.")
     model_config_file: str | None = Field(
         None, description="JSON file with a custom open_clip model config (registered under `arch`)."
@@ -61,9 +63,10 @@ class SparkConfig(_Section):
 class DownloadConfig(_Section):
     """img2dataset options passed through for `clipline download`."""
 
-    input_format: Literal["csv", "tsv", "parquet", "json", "jsonl", "txt", "csv.gz", "tsv.gz", "txt.gz", "json.gz", "jsonl.gz"] | None = (
-        Field(None, description="URL list format; None = from the file extension.")
-    )
+    input_format: (
+        Literal["csv", "tsv", "parquet", "json", "jsonl", "txt", "csv.gz", "tsv.gz", "txt.gz", "json.gz", "jsonl.gz"]
+        | None
+    ) = Field(None, description="URL list format; None = from the file extension.")
     url_col: str = Field("url", description="Column holding the image URL.")
     caption_col: str | None = Field("caption", description="Column holding the caption (None = no captions).")
     save_additional_columns: list[str] = Field(default_factory=list, description="Extra input columns kept.")
@@ -83,7 +86,9 @@ class DownloadConfig(_Section):
     retries: int = Field(0, ge=0, description="Retries per URL.")
     timeout: int = Field(10, ge=1, description="Per-URL timeout in seconds.")
     min_image_size: int = Field(0, ge=0, description="Drop images smaller than this.")
-    max_aspect_ratio: float | None = Field(None, gt=0, description="Drop images more elongated than this (None = no limit).")
+    max_aspect_ratio: float | None = Field(
+        None, gt=0, description="Drop images more elongated than this (None = no limit)."
+    )
     incremental: bool = Field(True, description="Skip shards already completed (img2dataset incremental mode).")
     user_agent_token: str | None = Field(None, description="Token added to the User-Agent.")
 
@@ -108,7 +113,9 @@ class EmbedConfig(_Section):
     )
     max_pixels: int = Field(89_478_485, gt=0, description="Images above this many pixels are rejected (bombs).")
     background: tuple[int, int, int] = Field((255, 255, 255), description="RGB behind transparent pixels.")
-    draft: bool = Field(True, description="Decode big JPEGs at reduced scale (Pillow draft) when lossless for the model.")
+    draft: bool = Field(
+        True, description="Decode big JPEGs at reduced scale (Pillow draft) when lossless for the model."
+    )
     trim_text: bool = Field(True, description="Cut caption padding for causal text towers (identical results).")
     max_shard_retries: int = Field(2, ge=0, description="Retries of a shard whose worker crashed or raised.")
     shard_timeout_s: float = Field(3600.0, gt=0, description="A shard running longer than this is failed.")
@@ -135,9 +142,13 @@ class DedupConfig(_Section):
     """Options of `clipline dedup`."""
 
     mode: Literal["auto", "exact", "ivf", "semdedup"] = Field("auto", description="Near-duplicate search method.")
-    threshold: float = Field(0.95, gt=-1, le=1, description="Cosine similarity at or above which images are duplicates.")
+    threshold: float = Field(
+        0.95, gt=-1, le=1, description="Cosine similarity at or above which images are duplicates."
+    )
     k: int = Field(16, ge=2, description="Neighbours searched per sample.")
-    keep: Literal["first", "largest", "clip_score", "shortest_url"] = Field("first", description="Which member survives.")
+    keep: Literal["first", "largest", "clip_score", "shortest_url"] = Field(
+        "first", description="Which member survives."
+    )
     memory_budget: str = Field("4G", description="Memory for the similarity search.")
     semdedup_clusters: int = Field(0, ge=0, description="k-means clusters for SemDeDup; 0 = sqrt(n).")
     exact: bool = Field(True, description="Also group identical image bytes (sha256).")

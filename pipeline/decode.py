@@ -145,8 +145,16 @@ class BatchDecoder:
         caption, caption_status = decode_caption(s.caption)
         sha = _meta_str(s.meta, "sha256") or (hashlib.sha256(s.image).hexdigest() if s.image else None)
         row = SampleRow(
-            key=s.key, index=s.index, caption=caption, url=_meta_str(s.meta, "url"), sha256=sha,
-            width=None, height=None, status=OK, error=None, caption_status=caption_status,
+            key=s.key,
+            index=s.index,
+            caption=caption,
+            url=_meta_str(s.meta, "url"),
+            sha256=sha,
+            width=None,
+            height=None,
+            status=OK,
+            error=None,
+            caption_status=caption_status,
         )
         if s.error:
             row.status, row.error = "read_error", s.error

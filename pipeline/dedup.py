@@ -212,12 +212,22 @@ def calibrate(similarities: np.ndarray, labels: np.ndarray, thresholds: np.ndarr
         precision = tp / pred.sum() if pred.any() else np.nan
         recall = tp / truth.sum() if truth.any() else np.nan
         f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-        rows.append({"threshold": float(t), "precision": precision, "recall": recall, "f1": f1,
-                     "predicted": int(pred.sum()), "true_positives": tp})
+        rows.append(
+            {
+                "threshold": float(t),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "predicted": int(pred.sum()),
+                "true_positives": tp,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def decide(emb: Embeddings, a: np.ndarray, b: np.ndarray, dc: DedupConfig, near_reference: np.ndarray) -> dict[str, pd.DataFrame]:
+def decide(
+    emb: Embeddings, a: np.ndarray, b: np.ndarray, dc: DedupConfig, near_reference: np.ndarray
+) -> dict[str, pd.DataFrame]:
     """Group rows joined by pairs (a, b), pick each group's survivor, apply the filters; the three output tables."""
     rows, n = emb.rows, len(emb.rows)
     filters = drop_filters(rows, dc, near_reference)
@@ -243,11 +253,24 @@ def decide(emb: Embeddings, a: np.ndarray, b: np.ndarray, dc: DedupConfig, near_
     in_group = np.zeros(n, bool)
     in_group[members] = True
     return {
-        "duplicates": pd.DataFrame({
-            "key": key[members], "shard": shard[members], "group_id": group, "kept": ~dropped[members],
-            "matched_key": key[keeper], "similarity": sim.astype(np.float32), "reason": member_reason}),
-        "keep": pd.DataFrame({"key": key[~dropped], "shard": shard[~dropped],
-                              "reason": np.where(in_group[~dropped], "group_keeper", "unique")}),
+        "duplicates": pd.DataFrame(
+            {
+                "key": key[members],
+                "shard": shard[members],
+                "group_id": group,
+                "kept": ~dropped[members],
+                "matched_key": key[keeper],
+                "similarity": sim.astype(np.float32),
+                "reason": member_reason,
+            }
+        ),
+        "keep": pd.DataFrame(
+            {
+                "key": key[~dropped],
+                "shard": shard[~dropped],
+                "reason": np.where(in_group[~dropped], "group_keeper", "unique"),
+            }
+        ),
         "drop": pd.DataFrame({"key": key[dropped], "shard": shard[dropped], "reason": reason[dropped].astype(str)}),
     }
 
@@ -259,8 +282,10 @@ def near_search(vs: nb.VectorSet, dc: DedupConfig, budget: int, workdir: str) ->
     mode = choose_mode(dc.mode, vs.n, vs.d, budget, faiss.get_num_gpus())
     if mode in ("exact", "ivf") and vs.n * vs.d * 4 > budget:
         # exact: the float32 flat index; ivf: float16 codes in lists that grow by doubling
-        raise ConfigError(f"dedup.mode={mode}: {vs.n} x {vs.d} vectors need {vs.n * vs.d * 4 / 2**30:.1f} GiB, "
-                          f"over dedup.memory_budget={dc.memory_budget} (mode=semdedup fits any budget)")
+        raise ConfigError(
+            f"dedup.mode={mode}: {vs.n} x {vs.d} vectors need {vs.n * vs.d * 4 / 2**30:.1f} GiB, "
+            f"over dedup.memory_budget={dc.memory_budget} (mode=semdedup fits any budget)"
+        )
     if vs.n < 2:
         return nb.SearchResult(nb.Pairs(), np.full(vs.n, -np.inf, np.float32), mode)
     if mode == "exact":
@@ -292,8 +317,14 @@ def reference_matches(emb: Embeddings, ref: Embeddings, dc: DedupConfig, budget:
     qa, ja = np.concatenate(q).astype(np.int64), np.concatenate(j).astype(np.int64)
     ok, sim = nb.verify(emb.vectors, qa, rv, ja, dc.threshold)
     ref_rows = ref.rows.iloc[ref.row_of[ja[ok]]]
-    return pd.DataFrame({"row": emb.row_of[qa[ok]], "reference_key": ref_rows["key"].to_numpy(object),
-                         "reference_shard": ref_rows["shard"].astype(str).to_numpy(object), "similarity": sim[ok]})
+    return pd.DataFrame(
+        {
+            "row": emb.row_of[qa[ok]],
+            "reference_key": ref_rows["key"].to_numpy(object),
+            "reference_shard": ref_rows["shard"].astype(str).to_numpy(object),
+            "similarity": sim[ok],
+        }
+    )
 
 
 def plan(cfg: Config) -> tuple[str, str, int]:
@@ -307,7 +338,9 @@ def plan(cfg: Config) -> tuple[str, str, int]:
     except ValueError as e:
         raise ConfigError(f"dedup.memory_budget: {e}") from None
     if dc.materialize and not dc.shards:
-        raise ConfigError("dedup.shards: required when dedup.materialize=true (the WebDataset shards that were embedded)")
+        raise ConfigError(
+            "dedup.shards: required when dedup.materialize=true (the WebDataset shards that were embedded)"
+        )
     folder = cfg.input.rstrip("/")
     return folder, (cfg.output or posixpath.join(folder, "dedup")).rstrip("/"), budget
 
@@ -354,11 +387,16 @@ def dedup(cfg: Config) -> dict[str, Any]:
                 mat.put_table(tables[name], posixpath.join(output, f"{name}.parquet"), mat.SCHEMAS[name])
             if matches is not None:
                 rows = emb.rows.iloc[matches["row"].to_numpy(np.int64)]
-                matches = matches.drop(columns="row").assign(key=rows["key"].to_numpy(object),
-                                                             shard=rows["shard"].astype(str).to_numpy(object))
-                mat.put_table(matches, posixpath.join(output, "reference_matches.parquet"), mat.SCHEMAS["reference_matches"])
+                matches = matches.drop(columns="row").assign(
+                    key=rows["key"].to_numpy(object), shard=rows["shard"].astype(str).to_numpy(object)
+                )
+                mat.put_table(
+                    matches, posixpath.join(output, "reference_matches.parquet"), mat.SCHEMAS["reference_matches"]
+                )
             mat.write_histogram(found.nn_sim, dc.threshold, posixpath.join(output, "similarity_hist.png"), found.method)
-            materialized = mat.materialize(emb.folder, emb.shards, dc.shards, output, tables["keep"]) if dc.materialize else None
+            materialized = (
+                mat.materialize(emb.folder, emb.shards, dc.shards, output, tables["keep"]) if dc.materialize else None
+            )
         timings["write"] = tm["seconds"]
     summary = build_summary(emb, found, tables, dc, len(ea), materialized, output)
     summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -367,19 +405,35 @@ def dedup(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def build_summary(emb: Embeddings, found: nb.SearchResult, tables: dict[str, pd.DataFrame], dc: DedupConfig,
-                  exact_pairs_count: int, materialized: dict[str, Any] | None, output: str) -> dict[str, Any]:
+def build_summary(
+    emb: Embeddings,
+    found: nb.SearchResult,
+    tables: dict[str, pd.DataFrame],
+    dc: DedupConfig,
+    exact_pairs_count: int,
+    materialized: dict[str, Any] | None,
+    output: str,
+) -> dict[str, Any]:
     dup, kept, dropped = tables["duplicates"], tables["keep"], tables["drop"]
     params = dict(found.params)
     recall = {k: params.pop(k, None) for k in ("recall_estimate", "group_recall_estimate", "recall_sample_pairs")}
     out: dict[str, Any] = {
-        "samples": len(emb), "samples_embedded": emb.vectors.n, "method": found.method, "threshold": dc.threshold,
-        "keep_policy": dc.keep, "groups": int(dup["group_id"].nunique()), "samples_in_groups": len(dup),
-        "near_pairs": len(found.pairs), "exact_pairs": exact_pairs_count,
-        "kept": len(kept), "dropped": len(dropped),
+        "samples": len(emb),
+        "samples_embedded": emb.vectors.n,
+        "method": found.method,
+        "threshold": dc.threshold,
+        "keep_policy": dc.keep,
+        "groups": int(dup["group_id"].nunique()),
+        "samples_in_groups": len(dup),
+        "near_pairs": len(found.pairs),
+        "exact_pairs": exact_pairs_count,
+        "kept": len(kept),
+        "dropped": len(dropped),
         "dropped_by_reason": {r: int(c) for r, c in dropped["reason"].value_counts().sort_index().items()},
         "fraction_kept": round(len(kept) / len(emb), 6) if len(emb) else None,
-        **recall, "search": params, "output": output,
+        **recall,
+        "search": params,
+        "output": output,
     }
     if materialized is not None:
         out["materialized"] = materialized

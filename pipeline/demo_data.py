@@ -58,8 +58,11 @@ VARIANT_CAPTIONS = {
 }
 # Planted near-duplicates: the same picture after a lossy step a crawler meets on the web.
 DUP_KINDS = ("q30", "resize90", "crop3", "bright")
-BROKEN = [(f"missing_{i}.jpg", "404") for i in range(4)] + [
-    (f"broken_html_{i}.jpg", "not_image") for i in range(3)] + [("broken_empty.jpg", "empty")]
+BROKEN = (
+    [(f"missing_{i}.jpg", "404") for i in range(4)]
+    + [(f"broken_html_{i}.jpg", "not_image") for i in range(3)]
+    + [("broken_empty.jpg", "empty")]
+)
 
 
 @dataclass
@@ -162,8 +165,11 @@ def plan_items() -> tuple[list[_Item], list[_Item]]:
         cap = f"a photo of {subject[src]}"
         required.append(_Item(f"{src}.jpg", cap, src, "original"))
         required += [_Item(f"{src}_dup_{k}.jpg", cap, src, f"dup:{k}") for k in DUP_KINDS]
-    required.append(_Item(f"{EXACT_COPY_SOURCE}_copy.jpg", f"a photo of {subject[EXACT_COPY_SOURCE]}",
-                          EXACT_COPY_SOURCE, "exact_copy"))
+    required.append(
+        _Item(
+            f"{EXACT_COPY_SOURCE}_copy.jpg", f"a photo of {subject[EXACT_COPY_SOURCE]}", EXACT_COPY_SOURCE, "exact_copy"
+        )
+    )
     optional = [_Item(f"{s}.jpg", f"a photo of {subj}", s, "original") for s, subj in SOURCES if s not in DUP_SOURCES]
     # Round-robin over variant kinds so a smaller demo still has every kind of change.
     for kind, template in VARIANT_CAPTIONS.items():
@@ -193,8 +199,10 @@ def build_demo_dataset(out_dir: Path, n_images: int | None = None, seed: int = S
     required, optional = plan_items()
     n = len(required) + len(optional) if n_images is None else n_images
     if n < len(required):
-        raise ValueError(f"n_images={n_images}: the demo needs at least {len(required)} URLs "
-                         "(its planted duplicates and broken URLs)")
+        raise ValueError(
+            f"n_images={n_images}: the demo needs at least {len(required)} URLs "
+            "(its planted duplicates and broken URLs)"
+        )
     items = required + optional[: n - len(required)]
     site = out_dir / "site"
     site.mkdir(parents=True, exist_ok=True)
@@ -229,8 +237,7 @@ def _truth(items: list[_Item], seed: int) -> dict[str, Any]:
         "broken": {i.name: i.transform.split(":", 1)[1] for i in items if i.transform.startswith("broken:")},
         "cat_caption": CAT_CAPTION,
         "cat_photos": sorted(i.name for i in items if i.source == CAT_SOURCE),
-        "items": {i.name: {"source": i.source, "transform": i.transform, "caption": i.caption}
-                  for i in items},
+        "items": {i.name: {"source": i.source, "transform": i.transform, "caption": i.caption} for i in items},
     }
 
 

@@ -145,10 +145,17 @@ class LocalDistributor(Distributor):
             r.errors.append(error)
             r.attempts = attempt + 1
             if attempt < max_retries:
-                log.warning("shard %s failed (attempt %d), retrying: %s", tasks[idx].shard_id, attempt + 1, error.splitlines()[0])
+                log.warning(
+                    "shard %s failed (attempt %d), retrying: %s",
+                    tasks[idx].shard_id,
+                    attempt + 1,
+                    error.splitlines()[0],
+                )
                 todo.append((idx, attempt + 1))
             else:
-                log.error("shard %s failed after %d attempts: %s", tasks[idx].shard_id, attempt + 1, error.splitlines()[0])
+                log.error(
+                    "shard %s failed after %d attempts: %s", tasks[idx].shard_id, attempt + 1, error.splitlines()[0]
+                )
                 remaining -= 1
                 if on_result:
                     on_result(r)

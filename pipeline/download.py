@@ -29,8 +29,21 @@ log = logging.getLogger(__name__)
 # The URL list formats img2dataset's reader accepts (parquet.gz is not one of them).
 FORMATS = ("csv.gz", "tsv.gz", "txt.gz", "json.gz", "jsonl.gz", "parquet", "csv", "tsv", "txt", "jsonl", "json")
 # Columns img2dataset writes itself and refuses as save_additional_columns.
-RESERVED_COLUMNS = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
-                    "error_message", "exif", "md5", "sha256", "sha512"}
+RESERVED_COLUMNS = {
+    "key",
+    "caption",
+    "url",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "status",
+    "error_message",
+    "exif",
+    "md5",
+    "sha256",
+    "sha512",
+}
 STATS_RE = re.compile(r"^(\d+)_stats\.json$")
 
 
@@ -100,8 +113,10 @@ def plan_input(cfg: Config) -> InputPlan:
         if fmt is None:
             found = {format_of(p) for p in fs.ls(path, detail=False)} - {None}
             if len(found) != 1:
-                raise ConfigError(f"download.input_format: cannot tell the format of folder {url_list} "
-                                  f"(found {sorted(map(str, found)) or 'no URL lists'}); set download.input_format")
+                raise ConfigError(
+                    f"download.input_format: cannot tell the format of folder {url_list} "
+                    f"(found {sorted(map(str, found)) or 'no URL lists'}); set download.input_format"
+                )
             fmt = found.pop()
         files = sorted(fs.glob(path.rstrip("/") + "/*." + fmt))  # the glob img2dataset's reader uses
         if not files:
@@ -109,8 +124,10 @@ def plan_input(cfg: Config) -> InputPlan:
     else:
         fmt = fmt or format_of(path)
         if fmt is None:
-            raise ConfigError(f"download.input_format: cannot tell the format of {url_list} from its extension; "
-                              f"set download.input_format to one of {', '.join(FORMATS)}")
+            raise ConfigError(
+                f"download.input_format: cannot tell the format of {url_list} from its extension; "
+                f"set download.input_format to one of {', '.join(FORMATS)}"
+            )
         files = [path]
     if fmt not in FORMATS:
         raise ConfigError(f"download.input_format: {fmt} is not supported by img2dataset")
@@ -135,8 +152,10 @@ def _check_columns(columns: list[str], url_col: str, caption_col: str | None, ex
     if url_col not in columns:
         raise ConfigError(f"download.url_col: column {url_col!r} not in the URL list (columns: {have})")
     if caption_col is not None and caption_col not in columns:
-        raise ConfigError(f"download.caption_col: column {caption_col!r} not in the URL list (columns: {have}); "
-                          "set download.caption_col=null to download without captions")
+        raise ConfigError(
+            f"download.caption_col: column {caption_col!r} not in the URL list (columns: {have}); "
+            "set download.caption_col=null to download without captions"
+        )
     missing = [c for c in extra if c not in columns]
     if missing:
         raise ConfigError(f"download.save_additional_columns: {missing} not in the URL list (columns: {have})")
@@ -268,18 +287,29 @@ def img2dataset_kwargs(cfg: Config, plan: InputPlan) -> dict[str, Any]:
     """The keyword arguments of img2dataset.download() for this config."""
     dl = cfg.download
     return dict(
-        url_list=plan.url_list, output_folder=cfg.output, input_format=plan.input_format,
-        url_col=dl.url_col, caption_col=plan.caption_col,
+        url_list=plan.url_list,
+        output_folder=cfg.output,
+        input_format=plan.input_format,
+        url_col=dl.url_col,
+        caption_col=plan.caption_col,
         save_additional_columns=list(dl.save_additional_columns) or None,
-        image_size=dl.image_size, resize_mode=dl.resize_mode, resize_only_if_bigger=dl.resize_only_if_bigger,
-        encode_format=dl.encode_format, encode_quality=dl.encode_quality, output_format=dl.output_format,
-        processes_count=dl.processes_count, thread_count=dl.thread_count,
-        number_sample_per_shard=dl.number_sample_per_shard, retries=dl.retries, timeout=dl.timeout,
+        image_size=dl.image_size,
+        resize_mode=dl.resize_mode,
+        resize_only_if_bigger=dl.resize_only_if_bigger,
+        encode_format=dl.encode_format,
+        encode_quality=dl.encode_quality,
+        output_format=dl.output_format,
+        processes_count=dl.processes_count,
+        thread_count=dl.thread_count,
+        number_sample_per_shard=dl.number_sample_per_shard,
+        retries=dl.retries,
+        timeout=dl.timeout,
         min_image_size=dl.min_image_size,
         max_aspect_ratio=float("inf") if dl.max_aspect_ratio is None else dl.max_aspect_ratio,
         incremental_mode="incremental" if dl.incremental else "overwrite",
         user_agent_token=dl.user_agent_token,
-        enable_wandb=False, compute_hash="sha256",
+        enable_wandb=False,
+        compute_hash="sha256",
         distributor="pyspark" if cfg.distributor == "spark" else "multiprocessing",
     )
 
@@ -330,7 +360,8 @@ def _check_done_shards(fs: Any, root: str, expected: dict[int, int], done: set[i
             raise ConfigError(
                 f"download.number_sample_per_shard: shard {s} in {root} holds {count} URLs but this URL list and "
                 f"shard size give it {expected[s]}; the input or shard size changed since it was written. "
-                "Use a new output folder or download.incremental=false (which deletes the old shards)")
+                "Use a new output folder or download.incremental=false (which deletes the old shards)"
+            )
 
 
 def _count_shard(fs: Any, parquet_path: str) -> tuple[int, collections.Counter[str]]:
@@ -348,8 +379,9 @@ def _count_shard(fs: Any, parquet_path: str) -> tuple[int, collections.Counter[s
     return ok, reasons
 
 
-def summarize(fs: Any, root: str, plan: InputPlan, expected: dict[int, int], before: set[int],
-              seconds: float) -> dict[str, Any]:
+def summarize(
+    fs: Any, root: str, plan: InputPlan, expected: dict[int, int], before: set[int], seconds: float
+) -> dict[str, Any]:
     """Build the job summary from img2dataset's per-shard parquet and stats files."""
     import json
 
@@ -384,8 +416,11 @@ def summarize(fs: Any, root: str, plan: InputPlan, expected: dict[int, int], bef
         "output": root,
     }
     if summary["unaccounted"]:
-        log.error("%d of %d URLs are in no shard's parquet (neither success nor failure)",
-                  summary["unaccounted"], plan.urls_in)
+        log.error(
+            "%d of %d URLs are in no shard's parquet (neither success nor failure)",
+            summary["unaccounted"],
+            plan.urls_in,
+        )
     return summary
 
 
@@ -398,8 +433,14 @@ def download(cfg: Config) -> dict[str, Any]:
     fs, root = fsspec.core.url_to_fs(cfg.output)
     _repair_after_kill(fs, root)
     before = set(_stats_files(fs, root)) if dl.incremental else set()
-    log.info("%d URLs from %s -> %d shards in %s (%d already done)", plan.urls_in, plan.url_list, len(expected),
-             cfg.output, len(before & set(expected)))
+    log.info(
+        "%d URLs from %s -> %d shards in %s (%d already done)",
+        plan.urls_in,
+        plan.url_list,
+        len(expected),
+        cfg.output,
+        len(before & set(expected)),
+    )
     _check_done_shards(fs, root, expected, before)
     t0 = time.perf_counter()
     if expected and set(expected) <= before:
@@ -415,6 +456,9 @@ def download(cfg: Config) -> dict[str, Any]:
     if summary["shards"] == 0:
         raise JobFailed(f"no shard was written to {cfg.output}", summary)
     if summary["shards_failed"]:
-        raise JobFailed(f"{summary['shards_failed']} shard(s) failed after img2dataset's retries; "
-                        "re-run the same command to retry them", summary)
+        raise JobFailed(
+            f"{summary['shards_failed']} shard(s) failed after img2dataset's retries; "
+            "re-run the same command to retry them",
+            summary,
+        )
     return summary

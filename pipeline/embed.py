@@ -55,8 +55,11 @@ def plan(cfg: Config) -> list[ShardTask]:
     urls = [u for u in expand_input(cfg.input) if not fsspec.core.url_to_fs(u)[1].startswith(out_root + "/")]
     urls, unfinished = drop_unfinished_downloads(urls)
     if unfinished:
-        log.warning("skipping %d tar(s) whose img2dataset download has not finished (no _stats.json): %s",
-                    len(unfinished), ", ".join(unfinished[:5]))
+        log.warning(
+            "skipping %d tar(s) whose img2dataset download has not finished (no _stats.json): %s",
+            len(unfinished),
+            ", ".join(unfinished[:5]),
+        )
     return plan_shards(urls, cfg.output.rstrip("/"), cfg.embed.input_format, cfg.embed.folder_shard_size)
 
 
@@ -79,7 +82,11 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
         log.info("removed %d leftover files of an interrupted run", swept)
     done = set(committed_shards(output, include_empty=True))
     for t in tasks:
-        if t.members and t.shard_id in done and read_stats(output, t.shard_id).get("members_sha256") != t.members_digest():
+        if (
+            t.members
+            and t.shard_id in done
+            and read_stats(output, t.shard_id).get("members_sha256") != t.members_digest()
+        ):
             log.warning("folder shard %s: its images changed since it was embedded; redoing it", t.shard_id)
             uncommit(output, t.shard_id)
             done.discard(t.shard_id)
@@ -116,7 +123,12 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
     if failed:
         for r in results:
             if not r.ok:
-                log.error("shard %s failed after %d attempts: %s", r.task.shard_id, r.attempts, r.errors[-1] if r.errors else "?")
+                log.error(
+                    "shard %s failed after %d attempts: %s",
+                    r.task.shard_id,
+                    r.attempts,
+                    r.errors[-1] if r.errors else "?",
+                )
         raise JobFailed(f"{len(failed)} shard(s) failed: {', '.join(failed)}; re-run to retry them", summary)
     return summary
 

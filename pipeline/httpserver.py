@@ -44,8 +44,9 @@ def serve_directory(root: str | Path, host: str = "127.0.0.1", port: int = 0) ->
         raise ValueError(f"serve_directory binds loopback only, got host={host!r}")
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = LoopbackServer((host, port), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-                              name="clipline-httpserver")
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="clipline-httpserver"
+    )
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     log.debug("serving %s at %s", root, url)

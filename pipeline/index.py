@@ -51,7 +51,9 @@ class IndexFiles:
 
 def index_files(output: str, modality: str) -> IndexFiles:
     j = posixpath.join
-    return IndexFiles(j(output, f"{modality}.index"), j(output, f"{modality}_ids.parquet"), j(output, f"{modality}.json"))
+    return IndexFiles(
+        j(output, f"{modality}.index"), j(output, f"{modality}_ids.parquet"), j(output, f"{modality}.json")
+    )
 
 
 def read_info(output: str, modality: str) -> dict[str, Any] | None:
@@ -124,8 +126,9 @@ def _autofaiss_errors() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
-def run_autofaiss(vectors_dir: str, n: int, dim: int, ix: IndexConfig, modality: str,
-                  tmp_dir: str, distributed: bool) -> tuple[faiss.Index, dict[str, Any]]:
+def run_autofaiss(
+    vectors_dir: str, n: int, dim: int, ix: IndexConfig, modality: str, tmp_dir: str, distributed: bool
+) -> tuple[faiss.Index, dict[str, Any]]:
     """Train and fill an index with autofaiss from a folder of npy files; raises JobFailed when it gives up."""
     from autofaiss import build_index
     from autofaiss.external.optimize import get_optimal_index_keys_v2
@@ -134,15 +137,24 @@ def run_autofaiss(vectors_dir: str, n: int, dim: int, ix: IndexConfig, modality:
     if ix.index_key is None and not get_optimal_index_keys_v2(
         n, dim, ix.max_index_memory_usage, should_be_memory_mappable=distributed
     ):
-        raise JobFailed(f"{modality}: no index type fits index.max_index_memory_usage={ix.max_index_memory_usage} "
-                        f"for {n} vectors of dim {dim}; raise it or set index.index_key")
+        raise JobFailed(
+            f"{modality}: no index type fits index.max_index_memory_usage={ix.max_index_memory_usage} "
+            f"for {n} vectors of dim {dim}; raise it or set index.index_key"
+        )
     with _autofaiss_errors() as errors:
         try:
             index, infos = build_index(
-                embeddings=vectors_dir, index_path=None, index_infos_path=None, save_on_disk=False,
-                index_key=ix.index_key, max_index_query_time_ms=ix.max_index_query_time_ms,
-                max_index_memory_usage=ix.max_index_memory_usage, current_memory_available=ix.current_memory_available,
-                metric_type="ip", nb_cores=ix.nb_cores, distributed="pyspark" if distributed else None,
+                embeddings=vectors_dir,
+                index_path=None,
+                index_infos_path=None,
+                save_on_disk=False,
+                index_key=ix.index_key,
+                max_index_query_time_ms=ix.max_index_query_time_ms,
+                max_index_memory_usage=ix.max_index_memory_usage,
+                current_memory_available=ix.current_memory_available,
+                metric_type="ip",
+                nb_cores=ix.nb_cores,
+                distributed="pyspark" if distributed else None,
                 temporary_indices_folder=posixpath.join(tmp_dir, "autofaiss"),
                 verbose=logging.getLogger().getEffectiveLevel(),
             )
@@ -197,7 +209,9 @@ def read_index(path: str, mmap: bool = False) -> faiss.Index:
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
-def _check_append(info: dict[str, Any], manifest: dict[str, Any], shards: list[str], modality: str, embed_dir: str) -> None:
+def _check_append(
+    info: dict[str, Any], manifest: dict[str, Any], shards: list[str], modality: str, embed_dir: str
+) -> None:
     """Appending is only sound for the same model and when no indexed shard disappeared."""
     old = info.get("embed", {})
     if old.get("model") != manifest.get("model") or old.get("dim", manifest.get("dim")) != manifest.get("dim"):
@@ -208,11 +222,15 @@ def _check_append(info: dict[str, Any], manifest: dict[str, Any], shards: list[s
         )
     gone = sorted(set(info["shards"]) - set(shards))
     if gone:
-        raise ConfigError(f"index: shards {gone[:5]} of the existing {modality} index are not committed in "
-                          f"input={embed_dir}; set index.rebuild=true")
+        raise ConfigError(
+            f"index: shards {gone[:5]} of the existing {modality} index are not committed in "
+            f"input={embed_dir}; set index.rebuild=true"
+        )
 
 
-def _build_new(cfg: Config, embed_dir: str, output: str, modality: str, shards: list[str]) -> tuple[faiss.Index, pd.DataFrame, dict[str, Any]]:
+def _build_new(
+    cfg: Config, embed_dir: str, output: str, modality: str, shards: list[str]
+) -> tuple[faiss.Index, pd.DataFrame, dict[str, Any]]:
     """Stage the indexable vectors (zero rows dropped) as npy files under OUTPUT and let autofaiss build."""
     fs, _ = fsspec.core.url_to_fs(output)
     # Under OUTPUT, not /tmp: Spark executors must read the staged vectors in distributed mode.
@@ -240,15 +258,19 @@ def _build_new(cfg: Config, embed_dir: str, output: str, modality: str, shards: 
     return index, pd.concat(tables, ignore_index=True), infos
 
 
-def _append(embed_dir: str, output: str, modality: str, info: dict[str, Any], new: list[str]) -> tuple[faiss.Index, pd.DataFrame]:
+def _append(
+    embed_dir: str, output: str, modality: str, info: dict[str, Any], new: list[str]
+) -> tuple[faiss.Index, pd.DataFrame]:
     """Add the new shards' vectors to the trained index; ids continue after the last one."""
     files = index_files(output, modality)
     index = read_index(files.index)
     with fsspec.open(files.ids, "rb") as f:
         ids = pd.read_parquet(f)
     if not index.ntotal == info["ntotal"] == len(ids):
-        raise JobFailed(f"{output}: the {modality} index ({index.ntotal}), its json ({info['ntotal']}) and its id "
-                        f"map ({len(ids)}) disagree (interrupted write?); set index.rebuild=true")
+        raise JobFailed(
+            f"{output}: the {modality} index ({index.ntotal}), its json ({info['ntotal']}) and its id "
+            f"map ({len(ids)}) disagree (interrupted write?); set index.rebuild=true"
+        )
     ivf = faiss.try_extract_index_ivf(index)
     # Flat and HNSW indices number vectors implicitly (ntotal onwards) and reject explicit ids, as does an IVF
     # index with an array direct map; both give the same ids as add_with_ids would.
@@ -268,8 +290,9 @@ def _append(embed_dir: str, output: str, modality: str, info: dict[str, Any], ne
     return index, pd.concat(tables, ignore_index=True)
 
 
-def _index_modality(cfg: Config, embed_dir: str, output: str, modality: str, shards: list[str],
-                    manifest: dict[str, Any]) -> dict[str, Any]:
+def _index_modality(
+    cfg: Config, embed_dir: str, output: str, modality: str, shards: list[str], manifest: dict[str, Any]
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     info = read_info(output, modality)
     fresh = info is None or cfg.index.rebuild or not cfg.index.append
@@ -277,8 +300,13 @@ def _index_modality(cfg: Config, embed_dir: str, output: str, modality: str, sha
         assert info is not None
         _check_append(info, manifest, shards, modality, embed_dir)
         if cfg.index.index_key and cfg.index.index_key != info.get("index_key"):
-            log.warning("index.index_key=%s ignored: appending to the existing %s index (%s); set index.rebuild=true "
-                        "to change it", cfg.index.index_key, modality, info.get("index_key"))
+            log.warning(
+                "index.index_key=%s ignored: appending to the existing %s index (%s); set index.rebuild=true "
+                "to change it",
+                cfg.index.index_key,
+                modality,
+                info.get("index_key"),
+            )
         new = [s for s in shards if s not in set(info["shards"])]
         if not new:
             log.info("%s index is up to date (%d shards)", modality, len(shards))
@@ -294,16 +322,27 @@ def _index_modality(cfg: Config, embed_dir: str, output: str, modality: str, sha
         index, ids, infos = _build_new(cfg, embed_dir, output, modality, shards)
         history = [{"action": "built", "shards": len(shards), "time": time.time()}]
     other = "text" if modality == "image" else "image"
-    cross = (sample_vectors(embed_dir, shards, other, cfg.index.recall_queries)
-             if manifest.get(other, True) else None)
+    cross = sample_vectors(embed_dir, shards, other, cfg.index.recall_queries) if manifest.get(other, True) else None
     quality = measure(index, lambda: iter_vectors(embed_dir, shards, modality), cfg.index.recall_queries, cross)
     out = {
-        "format_version": INDEX_FORMAT_VERSION, "modality": modality, "metric": "ip",
-        "index_key": infos.get("index_key"), "index_param": infos.get("index_param"),
-        "ntotal": int(index.ntotal), "dim": int(index.d), "shards": shards,
-        "embed": {"path": _abs(embed_dir), "model": manifest.get("model"), "model_config": manifest.get("model_config"),
-                  "dim": manifest.get("dim"), "output_dtype": manifest.get("output_dtype")},
-        "autofaiss": infos, "quality": quality, "history": history,
+        "format_version": INDEX_FORMAT_VERSION,
+        "modality": modality,
+        "metric": "ip",
+        "index_key": infos.get("index_key"),
+        "index_param": infos.get("index_param"),
+        "ntotal": int(index.ntotal),
+        "dim": int(index.d),
+        "shards": shards,
+        "embed": {
+            "path": _abs(embed_dir),
+            "model": manifest.get("model"),
+            "model_config": manifest.get("model_config"),
+            "dim": manifest.get("dim"),
+            "output_dtype": manifest.get("output_dtype"),
+        },
+        "autofaiss": infos,
+        "quality": quality,
+        "history": history,
     }
     out["size_bytes"] = commit(output, modality, index, ids, out)
     return _summary(out, "appended" if not fresh else "built", len(new), time.perf_counter() - t0)
@@ -312,12 +351,19 @@ def _index_modality(cfg: Config, embed_dir: str, output: str, modality: str, sha
 def _summary(info: dict[str, Any], action: str, added: int, seconds: float) -> dict[str, Any]:
     q = info.get("quality", {})
     return {
-        "action": action, "index_key": info.get("index_key"), "index_param": info.get("index_param"),
-        "vectors": info.get("ntotal"), "size_mb": round(info.get("size_bytes", 0) / 1e6, 3),
-        "recall@10": q.get("recall@10"), "recall@100": q.get("recall@100"),
+        "action": action,
+        "index_key": info.get("index_key"),
+        "index_param": info.get("index_param"),
+        "vectors": info.get("ntotal"),
+        "size_mb": round(info.get("size_bytes", 0) / 1e6, 3),
+        "recall@10": q.get("recall@10"),
+        "recall@100": q.get("recall@100"),
         "cross_modal_recall@10": q.get("cross_modal_recall@10"),
-        "avg_latency_ms": q.get("avg_latency_ms"), "p99_latency_ms": q.get("p99_latency_ms"),
-        "shards": len(info.get("shards", [])), "shards_added": added, "seconds": round(seconds, 2),
+        "avg_latency_ms": q.get("avg_latency_ms"),
+        "p99_latency_ms": q.get("p99_latency_ms"),
+        "shards": len(info.get("shards", [])),
+        "shards_added": added,
+        "seconds": round(seconds, 2),
     }
 
 

@@ -44,12 +44,24 @@ def read_shard(embed_dir: str, shard_id: str, modality: str) -> tuple[np.ndarray
     keep = keep_mask(meta, modality)
     nonzero = np.abs(emb).max(axis=1) > 0 if len(emb) else np.zeros(0, bool)
     if (keep & ~nonzero).any():
-        log.warning("shard %s: %d %s rows marked ok have a zero vector; skipped", shard_id, int((keep & ~nonzero).sum()), modality)
+        log.warning(
+            "shard %s: %d %s rows marked ok have a zero vector; skipped",
+            shard_id,
+            int((keep & ~nonzero).sum()),
+            modality,
+        )
     keep &= nonzero
     rows = np.flatnonzero(keep)
     kept = meta.iloc[rows]
-    table = pd.DataFrame({"shard": shard_id, "row": rows.astype(np.int32), "key": kept["key"].to_numpy(),
-                          "caption": kept["caption"].to_numpy(), "url": kept["url"].to_numpy()})
+    table = pd.DataFrame(
+        {
+            "shard": shard_id,
+            "row": rows.astype(np.int32),
+            "key": kept["key"].to_numpy(),
+            "caption": kept["caption"].to_numpy(),
+            "url": kept["url"].to_numpy(),
+        }
+    )
     return emb[rows], table
 
 
@@ -147,8 +159,15 @@ def measure(
     index and are compared as they are.
     """
     ntotal = int(index.ntotal)
-    out: dict[str, Any] = {"queries": 0, "recall@10": None, "recall@100": None, "cross_modal_recall@10": None,
-                           "avg_latency_ms": None, "p99_latency_ms": None, "latency_k": LATENCY_K}
+    out: dict[str, Any] = {
+        "queries": 0,
+        "recall@10": None,
+        "recall@100": None,
+        "cross_modal_recall@10": None,
+        "avg_latency_ms": None,
+        "p99_latency_ms": None,
+        "latency_k": LATENCY_K,
+    }
     if ntotal < 2:
         return out
     rng = np.random.default_rng(seed)
@@ -163,8 +182,9 @@ def measure(
     _, truth = exact_search(blocks(), queries, k)
     t1 = time.perf_counter()
     _, found = index.search(queries, k)
-    log.info("quality: exact search %.1fs, approximate %.1fs for %d queries", t1 - t0, time.perf_counter() - t1,
-             len(queries))
+    log.info(
+        "quality: exact search %.1fs, approximate %.1fs for %d queries", t1 - t0, time.perf_counter() - t1, len(queries)
+    )
     own = qids
     out["queries"] = n_self
     out["recall@10"] = round(recall_at(truth[:n_self], found[:n_self], 10, own), 4)

@@ -38,7 +38,8 @@ class LockHeld(ConfigError):
         super().__init__(
             f"{path} is held by another run: pid {holder.get('pid')} on host {holder.get('host')} "
             f"({holder.get('command')}) since {since}; nothing was done. If that run is gone (another host "
-            f"cannot be checked from here), delete {path} and retry")
+            f"cannot be checked from here), delete {path} and retry"
+        )
         self.path = path
         self.holder = holder
 
@@ -117,8 +118,12 @@ def _break_stale(path: str, stale: dict[str, Any]) -> None:
         fcntl.flock(guard, fcntl.LOCK_EX)
         try:
             if read_holder(path) == stale:
-                log.warning("taking over the stale lock %s of pid %s on %s (that process is gone)", path,
-                            stale.get("pid"), stale.get("host"))
+                log.warning(
+                    "taking over the stale lock %s of pid %s on %s (that process is gone)",
+                    path,
+                    stale.get("pid"),
+                    stale.get("host"),
+                )
                 os.unlink(path)
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
@@ -128,8 +133,13 @@ def acquire(output: str, command: str, attempts: int = 5) -> OutputLock:
     """Take the output root's lock, or raise LockHeld naming the live holder."""
     os.makedirs(output, exist_ok=True)
     path = lock_path(output)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "command": command,
-            "token": uuid.uuid4().hex}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": time.time(),
+        "command": command,
+        "token": uuid.uuid4().hex,
+    }
     for _ in range(attempts):
         if _try_create(path, info):
             return OutputLock(path, info)

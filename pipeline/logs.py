@@ -19,8 +19,12 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def setup_worker_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
 
 
 @contextlib.contextmanager

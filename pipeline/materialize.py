@@ -27,12 +27,28 @@ log = logging.getLogger(__name__)
 
 _TEXT = pa.string()
 SCHEMAS = {
-    "duplicates": pa.schema([("key", _TEXT), ("shard", _TEXT), ("group_id", pa.int64()), ("kept", pa.bool_()),
-                             ("matched_key", _TEXT), ("similarity", pa.float32()), ("reason", _TEXT)]),
+    "duplicates": pa.schema(
+        [
+            ("key", _TEXT),
+            ("shard", _TEXT),
+            ("group_id", pa.int64()),
+            ("kept", pa.bool_()),
+            ("matched_key", _TEXT),
+            ("similarity", pa.float32()),
+            ("reason", _TEXT),
+        ]
+    ),
     "keep": pa.schema([("key", _TEXT), ("shard", _TEXT), ("reason", _TEXT)]),
     "drop": pa.schema([("key", _TEXT), ("shard", _TEXT), ("reason", _TEXT)]),
-    "reference_matches": pa.schema([("key", _TEXT), ("shard", _TEXT), ("reference_key", _TEXT),
-                                    ("reference_shard", _TEXT), ("similarity", pa.float32())]),
+    "reference_matches": pa.schema(
+        [
+            ("key", _TEXT),
+            ("shard", _TEXT),
+            ("reference_key", _TEXT),
+            ("reference_shard", _TEXT),
+            ("similarity", pa.float32()),
+        ]
+    ),
 }
 
 

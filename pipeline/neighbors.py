@@ -172,7 +172,9 @@ def knn_hits(index: Searchable, x: np.ndarray, k: int, floor: float) -> tuple[np
     return rows[ok], ids.reshape(-1)[ok], sims.reshape(-1)[ok]
 
 
-def self_search(index: Searchable, vs: VectorSet, k: int, threshold: float, block: int = 16384) -> tuple[Pairs, np.ndarray]:
+def self_search(
+    index: Searchable, vs: VectorSet, k: int, threshold: float, block: int = 16384
+) -> tuple[Pairs, np.ndarray]:
     """Candidate pairs (unverified) of every vector with its k nearest neighbours, and nearest-neighbour similarity."""
     parts, nn = [], np.full(vs.n, -np.inf, np.float32)
     for start, x in vs.blocks(block):
@@ -185,7 +187,9 @@ def self_search(index: Searchable, vs: VectorSet, k: int, threshold: float, bloc
     return Pairs.concat(parts), nn
 
 
-def verify(va: VectorSet, a: np.ndarray, vb: VectorSet, b: np.ndarray, threshold: float, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def verify(
+    va: VectorSet, a: np.ndarray, vb: VectorSet, b: np.ndarray, threshold: float, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine of each (a[i], b[i]) from the stored vectors; returns (mask sim >= threshold, sim)."""
     sim = np.empty(len(a), np.float32)
     for s in range(0, len(a), chunk):
@@ -221,8 +225,12 @@ def recall_report(found: Pairs, truth: Truth, n: int) -> dict[str, Any]:
     other members), which is what deduplication needs."""
     labels = connected_components(n, found.a, found.b)
     grouped = float((labels[truth.pairs.a] == labels[truth.pairs.b]).mean()) if len(truth.pairs) else None
-    return {"recall_estimate": pair_recall(found, truth.pairs, n), "group_recall_estimate": grouped,
-            "recall_sample_queries": len(truth.queries), "recall_sample_pairs": len(truth.pairs)}
+    return {
+        "recall_estimate": pair_recall(found, truth.pairs, n),
+        "group_recall_estimate": grouped,
+        "recall_sample_queries": len(truth.queries),
+        "recall_sample_pairs": len(truth.pairs),
+    }
 
 
 def cap_per_query(truth: Pairs, queries: np.ndarray, k: int) -> Pairs:
@@ -236,8 +244,16 @@ def cap_per_query(truth: Pairs, queries: np.ndarray, k: int) -> Pairs:
     return Pairs(truth.a[keep], truth.b[keep], truth.sim[keep])
 
 
-def tune_nprobe(index: faiss.Index, nlist: int, vs: VectorSet, truth: Truth, k: int, threshold: float,
-                target: float = 0.99, start: int = 8) -> tuple[int, float | None]:
+def tune_nprobe(
+    index: faiss.Index,
+    nlist: int,
+    vs: VectorSet,
+    truth: Truth,
+    k: int,
+    threshold: float,
+    target: float = 0.99,
+    start: int = 8,
+) -> tuple[int, float | None]:
     """Smallest nprobe (doubling from start) whose k-NN recall on the sample queries reaches target."""
     capped = cap_per_query(truth.pairs, truth.queries, k)
     x = vs.gather(truth.queries)
@@ -252,12 +268,21 @@ def tune_nprobe(index: faiss.Index, nlist: int, vs: VectorSet, truth: Truth, k: 
         nprobe = min(2 * nprobe, nlist)
 
 
-def spherical_kmeans(vs: VectorSet, n_clusters: int, seed: int = 0, niter: int = 10, points_per_centroid: int = 64) -> np.ndarray:
+def spherical_kmeans(
+    vs: VectorSet, n_clusters: int, seed: int = 0, niter: int = 10, points_per_centroid: int = 64
+) -> np.ndarray:
     """faiss k-means on unit vectors (centroids renormalized each step), trained on a random sample."""
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(vs.n, size=min(vs.n, n_clusters * points_per_centroid), replace=False))
-    km = faiss.Kmeans(vs.d, n_clusters, niter=niter, spherical=True, seed=seed,
-                      max_points_per_centroid=points_per_centroid, gpu=faiss.get_num_gpus() > 0)
+    km = faiss.Kmeans(
+        vs.d,
+        n_clusters,
+        niter=niter,
+        spherical=True,
+        seed=seed,
+        max_points_per_centroid=points_per_centroid,
+        gpu=faiss.get_num_gpus() > 0,
+    )
     km.train(vs.gather(sample))
     return np.asarray(km.centroids, np.float32)
 
@@ -285,8 +310,15 @@ def tune_spill(labels: np.ndarray, truth: Truth, target: float = 0.99) -> tuple[
     return s, met
 
 
-def local_truth(vs: VectorSet, labels: np.ndarray, order: np.ndarray, bounds: np.ndarray, rows: RowFile,
-                queries: np.ndarray, threshold: float) -> Truth:
+def local_truth(
+    vs: VectorSet,
+    labels: np.ndarray,
+    order: np.ndarray,
+    bounds: np.ndarray,
+    rows: RowFile,
+    queries: np.ndarray,
+    threshold: float,
+) -> Truth:
     """The true pairs of many sample queries as far as they lie in each query's listed clusters: queries against
     those clusters' members only (queries x spill x cluster size work), so the spill can be tuned on tens of
     thousands of queries, enough to see whole groups split by a boundary (they fail together)."""
@@ -299,13 +331,16 @@ def local_truth(vs: VectorSet, labels: np.ndarray, order: np.ndarray, bounds: np
     for c in range(len(bounds) - 1):
         q = asked[by_c[cuts[c] : cuts[c + 1]]]
         if len(q) and bounds[c + 1] > bounds[c]:
-            r, j = np.nonzero(qv[q] @ rows.read(np.arange(bounds[c], bounds[c + 1])).astype(np.float32).T >= threshold - SLACK)
+            r, j = np.nonzero(
+                qv[q] @ rows.read(np.arange(bounds[c], bounds[c + 1])).astype(np.float32).T >= threshold - SLACK
+            )
             parts.append(Pairs.canonical(queries[q[r]], order[bounds[c] + j], np.zeros(len(r), np.float32)))
     return Truth(queries, verify_pairs(vs, Pairs.concat(parts), threshold))
 
 
-def cluster_pairs(ids: np.ndarray, vecs: np.ndarray, threshold: float, members: int | None = None,
-                  max_cells: int = 1 << 25) -> tuple[Pairs, np.ndarray]:
+def cluster_pairs(
+    ids: np.ndarray, vecs: np.ndarray, threshold: float, members: int | None = None, max_cells: int = 1 << 25
+) -> tuple[Pairs, np.ndarray]:
     """All pairs of one cluster at or above threshold, and each row's best similarity within the cluster.
     vecs are unit rows (any float dtype). The first `members` rows are the cluster's own; rows after them are
     guests (points of neighbouring clusters), compared with the members but not with each other. Blocked so a
@@ -359,8 +394,9 @@ def search_exact(vs: VectorSet, threshold: float, k: int) -> SearchResult:
     return SearchResult(verify_pairs(vs, pairs, threshold), nn, "exact", {"k": k})
 
 
-def search_ivf(vs: VectorSet, threshold: float, k: int, truth: Truth, target_recall: float = 0.99,
-               seed: int = 0) -> SearchResult:
+def search_ivf(
+    vs: VectorSet, threshold: float, k: int, truth: Truth, target_recall: float = 0.99, seed: int = 0
+) -> SearchResult:
     """IVF index; nprobe is raised until k-NN recall on the truth sample reaches target_recall, then every vector
     is searched with it."""
     nlist = ivf_nlist(vs.n)
@@ -404,9 +440,16 @@ def _by_cluster(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
 
 
-def search_semdedup(vs: VectorSet, threshold: float, n_clusters: int = 0, workdir: str | None = None,
-                    target_recall: float = 0.99, max_spill: int = 8, tune_queries: int = 20000,
-                    seed: int = 0) -> SearchResult:
+def search_semdedup(
+    vs: VectorSet,
+    threshold: float,
+    n_clusters: int = 0,
+    workdir: str | None = None,
+    target_recall: float = 0.99,
+    max_spill: int = 8,
+    tune_queries: int = 20000,
+    seed: int = 0,
+) -> SearchResult:
     """SemDeDup (Abbas et al., 2023): spherical k-means, then all pairs within each cluster. Each vector also visits
     its next spill-1 nearest clusters as a guest, so pairs split by a cluster boundary are still compared; spill is
     the smallest whose pairs meet target_recall on a sample (`local_truth`). On unclustered data plain SemDeDup
@@ -438,6 +481,12 @@ def search_semdedup(vs: VectorSet, threshold: float, n_clusters: int = 0, workdi
         np.maximum.at(nn, ids, cnn)
         parts.append(pairs)
     sizes = np.diff(bounds)
-    params = {"clusters": k, "spill": spill, "tuning_recall": met, "tuning_pairs": len(truth.pairs),
-              "largest_cluster": int(sizes.max()), "median_cluster": float(np.median(sizes))}
+    params = {
+        "clusters": k,
+        "spill": spill,
+        "tuning_recall": met,
+        "tuning_pairs": len(truth.pairs),
+        "largest_cluster": int(sizes.max()),
+        "median_cluster": float(np.median(sizes)),
+    }
     return SearchResult(verify_pairs(vs, Pairs.concat(parts), threshold), nn, "semdedup", params)

@@ -30,7 +30,9 @@ class ReadTimeout(TimeoutError):
     """Reading the shard stalled longer than embed.read_timeout_s."""
 
 
-def _sample_from_fields(key: str, index: int, fields: dict[str, bytes], image_keys: list[str], caption_keys: list[str]) -> RawSample:
+def _sample_from_fields(
+    key: str, index: int, fields: dict[str, bytes], image_keys: list[str], caption_keys: list[str]
+) -> RawSample:
     image = next((fields[k] for k in image_keys if k in fields), None)
     caption = next((fields[k] for k in caption_keys if k in fields), None)
     meta: dict[str, Any] = {}

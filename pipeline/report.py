@@ -73,7 +73,9 @@ class RunOutput:
     def embed_stats(self) -> list[dict[str, Any]]:
         if not self.manifest:
             return []
-        return [read_stats(self.paths.embeddings, s) for s in committed_shards(self.paths.embeddings, include_empty=True)]
+        return [
+            read_stats(self.paths.embeddings, s) for s in committed_shards(self.paths.embeddings, include_empty=True)
+        ]
 
     @property
     def embedded(self) -> int:
@@ -104,9 +106,11 @@ class RunOutput:
                 parts.append(pd.read_parquet(f, columns=["status", "error_message"]))
         return pd.concat(parts, ignore_index=True)
 
-    def metadata(self, columns: Iterable[str] = ("key", "shard", "index", "status", "caption", "url", "clip_score",
-                                                  "caption_status"),
-                 shards: list[str] | None = None) -> pd.DataFrame | None:
+    def metadata(
+        self,
+        columns: Iterable[str] = ("key", "shard", "index", "status", "caption", "url", "clip_score", "caption_status"),
+        shards: list[str] | None = None,
+    ) -> pd.DataFrame | None:
         """The embed metadata of the given committed shards (default all), in shard order."""
         if not self.shards:
             return None
@@ -224,8 +228,17 @@ def section_counts(out: RunOutput) -> str:
                 if message != "success":
                     by[classify_error(message)] += int(n)
         reasons["download"] = dict(by.most_common())
-        parts.append(rp.table([("URLs in", urls), ("images downloaded", ok), ("download failures", urls - ok),
-                               ("download shards", len(dl))], ["download", ""]))
+        parts.append(
+            rp.table(
+                [
+                    ("URLs in", urls),
+                    ("images downloaded", ok),
+                    ("download failures", urls - ok),
+                    ("download shards", len(dl)),
+                ],
+                ["download", ""],
+            )
+        )
     if not out.embed_stats:
         parts.append(rp.missing("No embed output (embeddings/manifest.json and committed shards): not embedded yet."))
     else:
@@ -236,13 +249,26 @@ def section_counts(out: RunOutput) -> str:
             captions.update(s.get("caption_status_counts", {}))
         reasons["embed"] = {k: v for k, v in status.most_common() if k != "ok"}
         n = sum(status.values())
-        parts.append(rp.table(
-            [("samples read", n), ("embedded", status.get("ok", 0)), ("embed failures", n - status.get("ok", 0)),
-             ("captions ok / missing", f"{captions.get('ok', 0)} / {captions.get('missing', 0)}"),
-             ("embed shards", len(out.embed_stats))], ["embed", ""]))
+        parts.append(
+            rp.table(
+                [
+                    ("samples read", n),
+                    ("embedded", status.get("ok", 0)),
+                    ("embed failures", n - status.get("ok", 0)),
+                    ("captions ok / missing", f"{captions.get('ok', 0)} / {captions.get('missing', 0)}"),
+                    ("embed shards", len(out.embed_stats)),
+                ],
+                ["embed", ""],
+            )
+        )
     if reasons:
-        parts.append(rp.table([(stage, r, n) for stage, by_reason in reasons.items() for r, n in by_reason.items()]
-                              or [("-", "none", 0)], ["stage", "failure reason", "samples"]))
+        parts.append(
+            rp.table(
+                [(stage, r, n) for stage, by_reason in reasons.items() for r, n in by_reason.items()]
+                or [("-", "none", 0)],
+                ["stage", "failure reason", "samples"],
+            )
+        )
     parts.append(rp.figure(rp.plot_reasons(reasons), "failures by reason") if any(reasons.values()) else "")
     return "".join(parts)
 
@@ -262,14 +288,25 @@ def section_queries(out: RunOutput, queries: list[str] | None) -> str:
     try:
         hits = searcher.search_text(list(queries or []), k=HITS_SHOWN)
     except Exception as e:  # the model may be unavailable here (weights not cached): say so, keep the report
-        return rp.missing(f"The model recorded in the manifest could not be loaded to embed queries: {type(e).__name__}: {e}")
+        return rp.missing(
+            f"The model recorded in the manifest could not be loaded to embed queries: {type(e).__name__}: {e}"
+        )
     thumbs = out.thumbnails(zip(hits["shard"], hits["key"]))
-    note = ("<p>Queries are captions sampled from the data; green marks a hit with exactly that caption.</p>"
-            if sampled else "")
+    note = (
+        "<p>Queries are captions sampled from the data; green marks a hit with exactly that caption.</p>"
+        if sampled
+        else ""
+    )
     parts = [note]
     for q, g in hits.groupby("query", sort=False):
-        tiles = [rp.tile(thumbs.get((str(r.shard), str(r.key))), [f"#{r.rank}  {r.score:.3f}", str(r.caption)[:60]],
-                         "hit" if sampled and r.caption == q else "") for r in g.itertuples()]
+        tiles = [
+            rp.tile(
+                thumbs.get((str(r.shard), str(r.key))),
+                [f"#{r.rank}  {r.score:.3f}", str(r.caption)[:60]],
+                "hit" if sampled and r.caption == q else "",
+            )
+            for r in g.itertuples()
+        ]
         parts.append(rp.grid(f"“{q}”", tiles))
     return "".join(parts)
 
@@ -281,45 +318,112 @@ def section_index(out: RunOutput) -> str:
         if info is None:
             continue
         q = info.get("quality", {})
-        hist = ", ".join(f"{h['action']} {time.strftime('%Y-%m-%d %H:%M', time.localtime(h['time']))}"
-                         for h in info.get("history", []))
-        rows.append((m, info.get("index_key"), info.get("ntotal"), info.get("dim"), round(info.get("size_bytes", 0) / 1e6, 3),
-                     q.get("recall@10"), q.get("recall@100"), q.get("cross_modal_recall@10"), q.get("avg_latency_ms"),
-                     q.get("p99_latency_ms"), len(info.get("shards", [])), hist))
+        hist = ", ".join(
+            f"{h['action']} {time.strftime('%Y-%m-%d %H:%M', time.localtime(h['time']))}"
+            for h in info.get("history", [])
+        )
+        rows.append(
+            (
+                m,
+                info.get("index_key"),
+                info.get("ntotal"),
+                info.get("dim"),
+                round(info.get("size_bytes", 0) / 1e6, 3),
+                q.get("recall@10"),
+                q.get("recall@100"),
+                q.get("cross_modal_recall@10"),
+                q.get("avg_latency_ms"),
+                q.get("p99_latency_ms"),
+                len(info.get("shards", [])),
+                hist,
+            )
+        )
     if not rows:
         return rp.missing("No index output (embeddings/index/*.json).")
-    return rp.table(rows, ["index", "type", "vectors", "dim", "size MB", "recall@10", "recall@100",
-                           "cross-modal recall@10", "avg latency ms", "p99 latency ms", "shards", "history"])
+    return rp.table(
+        rows,
+        [
+            "index",
+            "type",
+            "vectors",
+            "dim",
+            "size MB",
+            "recall@10",
+            "recall@100",
+            "cross-modal recall@10",
+            "avg latency ms",
+            "p99 latency ms",
+            "shards",
+            "history",
+        ],
+    )
 
 
 def section_provenance(out: RunOutput) -> str:
     parts = []
     m = out.manifest
     if m:
-        parts.append(rp.table([("model", json.dumps(m.get("model"), sort_keys=True)[:400]),
-                               ("model config", json.dumps(m.get("model_config"), sort_keys=True)),
-                               ("dim", m.get("dim")), ("stored dtype", m.get("output_dtype")),
-                               ("format version", m.get("format_version"))], ["embeddings", ""]))
+        parts.append(
+            rp.table(
+                [
+                    ("model", json.dumps(m.get("model"), sort_keys=True)[:400]),
+                    ("model config", json.dumps(m.get("model_config"), sort_keys=True)),
+                    ("dim", m.get("dim")),
+                    ("stored dtype", m.get("output_dtype")),
+                    ("format version", m.get("format_version")),
+                ],
+                ["embeddings", ""],
+            )
+        )
     else:
         parts.append(rp.missing("No embed manifest: model unknown."))
     s = out.summary
     if s:
-        parts.append(rp.table([(k, v.get("status"), v.get("exit_status"), v.get("seconds"), _when(v.get("finished")),
-                                v.get("error") or "") for k, v in s.get("stages", {}).items()],
-                              ["stage (summary.json)", "status", "exit", "seconds", "finished", "error"]))
+        parts.append(
+            rp.table(
+                [
+                    (
+                        k,
+                        v.get("status"),
+                        v.get("exit_status"),
+                        v.get("seconds"),
+                        _when(v.get("finished")),
+                        v.get("error") or "",
+                    )
+                    for k, v in s.get("stages", {}).items()
+                ],
+                ["stage (summary.json)", "status", "exit", "seconds", "finished", "error"],
+            )
+        )
     inputs = out.read_json(out.paths.inputs) if out.paths.inputs else None
     if inputs:
-        parts.append(rp.table([(e["name"], e["staged"], e["size"], _when(e["added"])) for e in inputs["files"]],
-                              ["URL list", "staged as", "bytes", "added"]))
+        parts.append(
+            rp.table(
+                [(e["name"], e["staged"], e["size"], _when(e["added"])) for e in inputs["files"]],
+                ["URL list", "staged as", "bytes", "added"],
+            )
+        )
     r = out.run_info
     if r:
-        parts.append(rp.table([("command", r.get("command")), ("argv", " ".join(map(str, r.get("argv", [])))),
-                               ("host", r.get("host")), ("started", _when(r.get("start_time"))),
-                               ("ended", _when(r.get("end_time"))), ("exit status", r.get("exit_status"))],
-                              ["last run (run.json)", ""]))
+        parts.append(
+            rp.table(
+                [
+                    ("command", r.get("command")),
+                    ("argv", " ".join(map(str, r.get("argv", [])))),
+                    ("host", r.get("host")),
+                    ("started", _when(r.get("start_time"))),
+                    ("ended", _when(r.get("end_time"))),
+                    ("exit status", r.get("exit_status")),
+                ],
+                ["last run (run.json)", ""],
+            )
+        )
         parts.append(rp.table(sorted((r.get("versions") or {}).items()), ["library", "version"]))
-        parts.append("<details><summary>resolved configuration</summary><pre>"
-                     + rp.esc(json.dumps(r.get("config"), indent=1)) + "</pre></details>")
+        parts.append(
+            "<details><summary>resolved configuration</summary><pre>"
+            + rp.esc(json.dumps(r.get("config"), indent=1))
+            + "</pre></details>"
+        )
     else:
         parts.append(rp.missing("No run.json: command, versions and configuration unknown."))
     return "".join(parts)
@@ -362,9 +466,11 @@ def render(out: RunOutput, queries: list[str] | None = None) -> tuple[str, dict[
             state[anchor] = f"error: {type(e).__name__}: {e}"
         body.append(f'<section id="{anchor}"><h2>{rp.esc(title)}</h2>{content}</section>')
     nav = " ".join(f'<a href="#{a}">{rp.esc(t)}</a>' for a, t, _ in sections(queries))
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>clipline report: {rp.esc(out.root)}</title>"
-            f"<style>{rp.CSS}</style></head><body><h1>clipline report</h1><p>{rp.esc(out.root)} · generated "
-            f"{_when(time.time())}</p><nav>{nav}</nav>{''.join(body)}</body></html>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>clipline report: {rp.esc(out.root)}</title>"
+        f"<style>{rp.CSS}</style></head><body><h1>clipline report</h1><p>{rp.esc(out.root)} · generated "
+        f"{_when(time.time())}</p><nav>{nav}</nav>{''.join(body)}</body></html>"
+    )
     return page, state
 
 
@@ -384,6 +490,8 @@ def report_cli(cfg: Config, queries: list[str] | None = None) -> str:
     lines = [f"report: {target}"] + [f"  {a}: {s}" for a, s in state.items()]
     failed = [a for a, s in state.items() if s.startswith("error")]
     if failed:
-        raise JobFailed(f"report sections failed: {', '.join(failed)} (the rest is in {target})",
-                        {"report": target, "failed_sections": failed})
+        raise JobFailed(
+            f"report sections failed: {', '.join(failed)} (the rest is in {target})",
+            {"report": target, "failed_sections": failed},
+        )
     return "\n".join(lines)

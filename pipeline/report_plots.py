@@ -53,8 +53,9 @@ def plot_reasons(reasons: Mapping[str, Mapping[str, int]]) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1))
     colours = {s: f"C{i}" for i, s in enumerate(reasons)}
-    ax.barh([r for r, _ in rows][::-1], [n for _, n in rows][::-1],
-            color=[colours[r.split(":")[0]] for r, _ in rows][::-1])
+    ax.barh(
+        [r for r, _ in rows][::-1], [n for _, n in rows][::-1], color=[colours[r.split(":")[0]] for r, _ in rows][::-1]
+    )
     for i, (_, n) in enumerate(rows[::-1]):
         ax.text(n, i, f" {n}", va="center")
     ax.set_xlabel("samples")
@@ -101,8 +102,9 @@ def plot_time_split(seconds: Mapping[str, float]) -> str | None:
     return fig_uri(fig)
 
 
-def plot_hist(values: np.ndarray, xlabel: str, title: str, threshold: float | None = None, log_y: bool = False,
-              bins: int = 60) -> str | None:
+def plot_hist(
+    values: np.ndarray, xlabel: str, title: str, threshold: float | None = None, log_y: bool = False, bins: int = 60
+) -> str | None:
     """A histogram of finite values, with an optional threshold line and the share at or above it."""
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -113,7 +115,9 @@ def plot_hist(values: np.ndarray, xlabel: str, title: str, threshold: float | No
     ax.hist(v, bins=bins, color="C0", alpha=0.8)
     if threshold is not None:
         share = float((v >= threshold).mean())
-        ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}: {100 * share:.1f}% at or above")
+        ax.axvline(
+            threshold, color="red", linestyle="--", label=f"threshold {threshold:g}: {100 * share:.1f}% at or above"
+        )
         ax.legend()
     if log_y:
         ax.set_yscale("log")
@@ -175,11 +179,18 @@ def thumbnail_uri(data: bytes, size: int = THUMB_PX) -> str | None:
 
 # ---- sections made of figures ---------------------------------------------------------------------------
 
+
 def section_throughput(out: RunOutput) -> str:
-    dl = [(s["start_time"], s["end_time"], int(s.get("count", 0))) for s in out.download_stats.values()
-          if "start_time" in s and "end_time" in s]
-    em = [(s["started"], s["finished"], int(s.get("samples", 0))) for s in out.embed_stats
-          if "started" in s and "finished" in s]
+    dl = [
+        (s["start_time"], s["end_time"], int(s.get("count", 0)))
+        for s in out.download_stats.values()
+        if "start_time" in s and "end_time" in s
+    ]
+    em = [
+        (s["started"], s["finished"], int(s.get("samples", 0)))
+        for s in out.embed_stats
+        if "started" in s and "finished" in s
+    ]
     if not dl and not em:
         return missing("No per-shard stats with timestamps: neither download nor embed ran here.")
     rows = []
@@ -192,21 +203,32 @@ def section_throughput(out: RunOutput) -> str:
     for s in out.embed_stats:
         timings.update(s.get("timings", {}))
     split = figure(plot_time_split(dict(timings)), "embed time split") if timings else missing("No embed timings.")
-    return (table(rows, ["stage", "shards", "items", "wall seconds (first start to last finish)", "items / s"])
-            + figure(plot_throughput({"download": dl, "embed": em}), "throughput over time") + split)
+    return (
+        table(rows, ["stage", "shards", "items", "wall seconds (first start to last finish)", "items / s"])
+        + figure(plot_throughput({"download": dl, "embed": em}), "throughput over time")
+        + split
+    )
+
 
 def section_clip_score(out: RunOutput) -> str:
     subset = out.sample_shards(CLIP_SCORE_SHARDS)
     meta = out.metadata(["status", "caption_status", "clip_score"], subset)
     if meta is None:
         return missing("No embed output: no CLIP scores.")
-    s = meta.loc[(meta["status"] == "ok") & (meta["caption_status"] == "ok"), "clip_score"].dropna().to_numpy(np.float64)
+    s = (
+        meta.loc[(meta["status"] == "ok") & (meta["caption_status"] == "ok"), "clip_score"]
+        .dropna()
+        .to_numpy(np.float64)
+    )
     if len(s) == 0:
         return missing("No sample has both an image and a caption embedding: no CLIP scores.")
     q = np.percentile(s, [5, 25, 50, 75, 95])
     scope = "" if len(subset) == len(out.shards) else f" ({len(subset)} of {len(out.shards)} shards)"
-    numbers = table([("samples scored", len(s)), ("mean", float(s.mean()))]
-                    + [(f"p{p}", float(v)) for p, v in zip((5, 25, 50, 75, 95), q)], ["clip_score", ""])
+    numbers = table(
+        [("samples scored", len(s)), ("mean", float(s.mean()))]
+        + [(f"p{p}", float(v)) for p, v in zip((5, 25, 50, 75, 95), q)],
+        ["clip_score", ""],
+    )
     plot = plot_hist(s, "cosine(image, caption)", "CLIP score distribution" + scope)
     return numbers + figure(plot, "clip score histogram")
 
@@ -217,12 +239,31 @@ def section_similarity(out: RunOutput) -> str:
         return missing("No embed output: no similarities.")
     sims = out.nn_similarities()
     threshold = ds["threshold"] if ds else None
-    head = (table([(k, ds.get(k)) for k in ("method", "threshold", "samples", "groups", "samples_in_groups",
-                                                "near_pairs", "exact_pairs", "kept", "dropped")], ["dedup", ""])
-            if ds else missing("No dedup output (embeddings/dedup/summary.json): the threshold is not shown."))
+    head = (
+        table(
+            [
+                (k, ds.get(k))
+                for k in (
+                    "method",
+                    "threshold",
+                    "samples",
+                    "groups",
+                    "samples_in_groups",
+                    "near_pairs",
+                    "exact_pairs",
+                    "kept",
+                    "dropped",
+                )
+            ],
+            ["dedup", ""],
+        )
+        if ds
+        else missing("No dedup output (embeddings/dedup/summary.json): the threshold is not shown.")
+    )
     exact = out.nn_exact()
-    how = (f"{len(sims)} of {out.embedded} embedded images, each with its nearest other image: "
-           + ("exact search over all of them." if exact else "approximate, searched in the image index."))
+    how = f"{len(sims)} of {out.embedded} embedded images, each with its nearest other image: " + (
+        "exact search over all of them." if exact else "approximate, searched in the image index."
+    )
     title = "Nearest-neighbour similarity" + ("" if exact else ", approximate (image index)")
     plot = plot_hist(sims, "cosine similarity to the nearest other image", title, threshold, log_y=True)
     return head + f"<p>{esc(how)}</p>" + figure(plot, "nearest-neighbour similarity")
@@ -239,13 +280,20 @@ def section_groups(out: RunOutput) -> str:
     chosen = chosen.sort_values(["group_id", "kept", "similarity"], ascending=[True, False, False])
     chosen = chosen.groupby("group_id").head(MEMBERS_SHOWN)
     thumbs = out.thumbnails(zip(chosen["shard"], chosen["key"]))
-    parts = [f"<p>{len(sizes)} groups, {len(dup)} samples in groups; the {min(GROUPS_SHOWN, len(sizes))} largest "
-             "(similarity is to the kept sample, green).</p>"]
+    parts = [
+        f"<p>{len(sizes)} groups, {len(dup)} samples in groups; the {min(GROUPS_SHOWN, len(sizes))} largest "
+        "(similarity is to the kept sample, green).</p>"
+    ]
     for gid in sizes.index[:GROUPS_SHOWN]:
         g = chosen[chosen["group_id"] == gid]
-        tiles = [tile(thumbs.get((str(r.shard), str(r.key))),
-                         [str(r.key), "kept" if r.kept else f"{r.similarity:.3f} ({r.reason})"], "kept" if r.kept else "")
-                 for r in g.itertuples()]
+        tiles = [
+            tile(
+                thumbs.get((str(r.shard), str(r.key))),
+                [str(r.key), "kept" if r.kept else f"{r.similarity:.3f} ({r.reason})"],
+                "kept" if r.kept else "",
+            )
+            for r in g.itertuples()
+        ]
         parts.append(grid(f"group {gid}: {sizes[gid]} samples", tiles))
     return "".join(parts)
 

@@ -18,8 +18,20 @@ from pipeline.config import Config, to_dict
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("clipline", "torch", "open_clip_torch", "img2dataset", "faiss-cpu", "faiss-gpu", "autofaiss",
-             "pyarrow", "pyspark", "numpy", "webdataset", "fsspec")
+LIBRARIES = (
+    "clipline",
+    "torch",
+    "open_clip_torch",
+    "img2dataset",
+    "faiss-cpu",
+    "faiss-gpu",
+    "autofaiss",
+    "pyarrow",
+    "pyspark",
+    "numpy",
+    "webdataset",
+    "fsspec",
+)
 
 
 def versions() -> dict[str, str | None]:

@@ -62,7 +62,9 @@ class Searcher:
         self.modality = modality
         info = read_info(self.index_dir, modality)
         if info is None:
-            raise FileNotFoundError(f"{self.index_dir}: no {modality} index (expected {modality}.json from `clipline index`)")
+            raise FileNotFoundError(
+                f"{self.index_dir}: no {modality} index (expected {modality}.json from `clipline index`)"
+            )
         self.info: dict[str, Any] = info
         files = index_files(self.index_dir, modality)
         self.index: faiss.Index = read_index(files.index, mmap=mmap)
@@ -73,8 +75,10 @@ class Searcher:
         with fsspec.open(files.ids, "rb") as f:
             self.ids: pa.Table = pq.read_table(f)
         if not self.index.ntotal == len(self.ids) == info["ntotal"]:
-            raise RuntimeError(f"{self.index_dir}: {modality} index ({self.index.ntotal}), id map ({len(self.ids)}) and "
-                               f"json ({info['ntotal']}) disagree; rebuild it with index.rebuild=true")
+            raise RuntimeError(
+                f"{self.index_dir}: {modality} index ({self.index.ntotal}), id map ({len(self.ids)}) and "
+                f"json ({info['ntotal']}) disagree; rebuild it with index.rebuild=true"
+            )
         self._model: EmbeddingModel | None = None
 
     @functools.cached_property
@@ -95,7 +99,9 @@ class Searcher:
 
             mc = self.info["embed"].get("model_config")
             if not mc:
-                raise ConfigError(f"{self.index_dir}: the index records no model_config; rebuild it with index.rebuild=true")
+                raise ConfigError(
+                    f"{self.index_dir}: the index records no model_config; rebuild it with index.rebuild=true"
+                )
             cfg = ModelConfig(**mc)
             found, recorded = model_fingerprint(cfg), self.info["embed"].get("model")
             if found != recorded:
@@ -112,12 +118,23 @@ class Searcher:
         scores, ids = self.index.search(x, k)
         q, rank = np.nonzero(ids >= 0)  # an IVF search probing too few lists pads with -1
         hits = ids[q, rank]
-        meta = self.ids.take(pa.array(hits)).to_pandas() if len(hits) else pd.DataFrame(columns=["key", "caption", "url", "shard"])
-        return pd.DataFrame({
-            "query": [labels[i] for i in q], "rank": rank + 1, "score": scores[q, rank].astype(np.float32),
-            "key": meta["key"].to_numpy(), "caption": meta["caption"].to_numpy(), "url": meta["url"].to_numpy(),
-            "id": hits, "shard": meta["shard"].to_numpy(),
-        })
+        meta = (
+            self.ids.take(pa.array(hits)).to_pandas()
+            if len(hits)
+            else pd.DataFrame(columns=["key", "caption", "url", "shard"])
+        )
+        return pd.DataFrame(
+            {
+                "query": [labels[i] for i in q],
+                "rank": rank + 1,
+                "score": scores[q, rank].astype(np.float32),
+                "key": meta["key"].to_numpy(),
+                "caption": meta["caption"].to_numpy(),
+                "url": meta["url"].to_numpy(),
+                "id": hits,
+                "shard": meta["shard"].to_numpy(),
+            }
+        )
 
     def search_text(self, texts: list[str], k: int = 10) -> pd.DataFrame:
         """Embed texts with the index's text tower, then search."""
@@ -179,13 +196,16 @@ def format_results(df: pd.DataFrame, fmt: str) -> str:
         return "\n".join(json.dumps(r, ensure_ascii=False, default=float) for r in df.to_dict(orient="records"))
     if df.empty:
         return "(no results)"
-    shown = df.assign(score=df["score"].map(lambda s: f"{s:.4f}"),
-                      caption=df["caption"].fillna("").map(lambda c: c if len(c) <= 60 else c[:57] + "..."))
+    shown = df.assign(
+        score=df["score"].map(lambda s: f"{s:.4f}"),
+        caption=df["caption"].fillna("").map(lambda c: c if len(c) <= 60 else c[:57] + "..."),
+    )
     return str(shown.to_string(index=False))
 
 
-def query_cli(cfg: Config, text: list[str] | None = None, image: list[str] | None = None,
-              key: list[str] | None = None) -> str:
+def query_cli(
+    cfg: Config, text: list[str] | None = None, image: list[str] | None = None, key: list[str] | None = None
+) -> str:
     """`clipline query input=INDEX_DIR (--text T | --image PATH_OR_URL | --key KEY)...`: the text to print."""
     from pipeline.decode import SampleError
 
@@ -205,4 +225,3 @@ def query_cli(cfg: Config, text: list[str] | None = None, image: list[str] | Non
     except (FileNotFoundError, KeyError, SampleError) as e:
         raise ConfigError(str(e.args[0]) if isinstance(e, KeyError) else str(e)) from e
     return format_results(df, cfg.query.format)
-

@@ -89,7 +89,9 @@ def expand_input(spec: str | Iterable[str]) -> list[str]:
     return urls
 
 
-def plan_shards(urls: list[str], output: str, input_format: str = "auto", folder_shard_size: int = 10000) -> list[ShardTask]:
+def plan_shards(
+    urls: list[str], output: str, input_format: str = "auto", folder_shard_size: int = 10000
+) -> list[ShardTask]:
     """Turn input files into ShardTasks; pure, so it is tested exhaustively and runs the same everywhere."""
     kinds = {u: (input_format if input_format != "auto" else _kind_of(u)) for u in urls}
     if input_format == "folder":

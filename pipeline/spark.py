@@ -214,7 +214,11 @@ def _describe(e: BaseException) -> str:
 
 
 def run_partition(
-    groups: Iterable[list[tuple[int, ShardTask, int]]], worker: str, cfg_json: str, timeout_s: float | None, skip_committed: bool
+    groups: Iterable[list[tuple[int, ShardTask, int]]],
+    worker: str,
+    cfg_json: str,
+    timeout_s: float | None,
+    skip_committed: bool,
 ) -> Iterator[dict[str, Any]]:
     """The body of one Spark task: run the worker on each (index, task, attempt base) of its group; one record each.
 
@@ -311,7 +315,9 @@ class SparkDistributor(Distributor):
                 pending = ledger.pending()
         return ledger.results
 
-    def _round(self, sc: SparkContext, ledger: _Ledger, pending: list[int], worker: str, timeout_s: float | None) -> None:
+    def _round(
+        self, sc: SparkContext, ledger: _Ledger, pending: list[int], worker: str, timeout_s: float | None
+    ) -> None:
         """One Spark job over the pending shards; updates the ledger, raises only if Spark itself failed."""
         from pyspark import InheritableThread
 
@@ -320,7 +326,10 @@ class SparkDistributor(Distributor):
         outputs = sorted({ledger.tasks[i].output for i in pending})
         before = {out: set(committed_shards(out, include_empty=True)) for out in outputs}
         body = functools.partial(
-            run_partition, worker=worker, cfg_json=self.cfg.model_dump_json(), timeout_s=timeout_s,
+            run_partition,
+            worker=worker,
+            cfg_json=self.cfg.model_dump_json(),
+            timeout_s=timeout_s,
             skip_committed=not self.cfg.embed.overwrite,
         )
         group_id = f"clipline-{uuid.uuid4().hex[:8]}"
@@ -362,7 +371,12 @@ class SparkDistributor(Distributor):
                 ledger.succeed(i, stats, int(stats.get("attempt", ledger.next_attempt[i])))
 
     def _aborted(
-        self, ledger: _Ledger, pending: list[int], groups: list[list[int]], error: BaseException, before: dict[str, set[str]]
+        self,
+        ledger: _Ledger,
+        pending: list[int],
+        groups: list[list[int]],
+        error: BaseException,
+        before: dict[str, set[str]],
     ) -> None:
         """Spark gave up on a task: charge its shards, keep what committed, raise anything else."""
         message = spark_error_message(error)

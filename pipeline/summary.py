@@ -14,7 +14,9 @@ class JobFailed(RuntimeError):
         self.summary = summary or {}
 
 
-def summarize_embed(stats: Iterable[dict[str, Any]], wall_seconds: float, skipped: int, failed: list[str]) -> dict[str, Any]:
+def summarize_embed(
+    stats: Iterable[dict[str, Any]], wall_seconds: float, skipped: int, failed: list[str]
+) -> dict[str, Any]:
     status: collections.Counter[str] = collections.Counter()
     captions: collections.Counter[str] = collections.Counter()
     timings: collections.Counter[str] = collections.Counter()

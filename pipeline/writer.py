@@ -253,7 +253,9 @@ def read_manifest(output: str) -> dict[str, Any] | None:
         try:
             return json.load(f)  # type: ignore[no-any-return]
         except ValueError as e:
-            raise ManifestMismatch(f"{manifest_path(output)} is not valid JSON ({e}); restore it or use a new output") from e
+            raise ManifestMismatch(
+                f"{manifest_path(output)} is not valid JSON ({e}); restore it or use a new output"
+            ) from e
 
 
 def manifest_identity(m: dict[str, Any]) -> dict[str, Any]:

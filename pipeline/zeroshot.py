@@ -62,7 +62,9 @@ def class_embeddings(
 ) -> np.ndarray:
     """(n_classes, dim): each class's template embeddings averaged and re-normalized (CLIP's prompt ensembling)."""
     texts = [t.replace("{}", c) for c in classes for t in templates]
-    parts = [model.encode_text(model.tokenize(texts[i : i + batch_size])).numpy() for i in range(0, len(texts), batch_size)]
+    parts = [
+        model.encode_text(model.tokenize(texts[i : i + batch_size])).numpy() for i in range(0, len(texts), batch_size)
+    ]
     emb = np.concatenate(parts).astype(np.float32).reshape(len(classes), len(templates), -1).mean(axis=1)
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
@@ -82,7 +84,9 @@ def model_from_manifest(embed_output_dir: str) -> "EmbeddingModel":
 
     manifest = read_manifest(embed_output_dir)
     if manifest is None or "model_config" not in manifest:
-        raise ConfigError(f"input={embed_output_dir}: no manifest.json with model_config; expected an embed output folder")
+        raise ConfigError(
+            f"input={embed_output_dir}: no manifest.json with model_config; expected an embed output folder"
+        )
     cfg = ModelConfig.model_validate(manifest["model_config"])
     if model_fingerprint(cfg) != manifest.get("model"):
         raise ModelLoadError(
@@ -154,8 +158,14 @@ def zero_shot(
         samples += table.num_rows
         skipped += n_skipped
         counts.update(table.column("label_1").to_pylist())
-    info = {"classes": classes, "templates": templates, "k": min(k, len(classes)), "model": manifest.get("model"),
-            "shards": shards, "score": "cosine similarity of image and class text embeddings"}
+    info = {
+        "classes": classes,
+        "templates": templates,
+        "k": min(k, len(classes)),
+        "model": manifest.get("model"),
+        "shards": shards,
+        "score": "cosine similarity of image and class text embeddings",
+    }
     put_bytes(fs, posixpath.join(out, SUBDIR, "zeroshot.json"), json.dumps(info, indent=1).encode())
     return {
         "output": posixpath.join(out, SUBDIR),

@@ -48,8 +48,14 @@ def make_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> lis
             key = f"{s:05d}{i:04d}"
             meta = {"url": f"http://127.0.0.1/{key}.jpg", "key": key}
             samples.append(
-                (key, {"jpg": jpeg_bytes(seed * 100003 + s * 1000 + i), "txt": f"photo number {i} of shard {s}".encode(),
-                       "json": json.dumps(meta).encode()})
+                (
+                    key,
+                    {
+                        "jpg": jpeg_bytes(seed * 100003 + s * 1000 + i),
+                        "txt": f"photo number {i} of shard {s}".encode(),
+                        "json": json.dumps(meta).encode(),
+                    },
+                )
             )
         paths.append(write_tar(root / f"{s:05d}.tar", samples))
     return paths
@@ -101,7 +107,10 @@ def write_fake_embed_output(
         "format_version": FORMAT_VERSION,
         "model": model or {"family": "open_clip", "arch": TINY_ARCH, "checkpoint_sha256": "fake"},
         "model_config": {"family": "open_clip", "arch": TINY_ARCH},
-        "output_dtype": "float16", "image": True, "text": True, "normalized": True,
+        "output_dtype": "float16",
+        "image": True,
+        "text": True,
+        "normalized": True,
     }
     check_or_write_manifest(root, manifest)
     for sid, emb in shards.items():
@@ -109,14 +118,24 @@ def write_fake_embed_output(
         cols = (extra_meta or {}).get(sid, {})
         rows = []
         for i in range(n):
+
             def col(name: str, default: Any, i: int = i, cols: dict[str, list[Any]] = cols) -> Any:
                 return cols[name][i] if name in cols else default
-            rows.append(SampleRow(
-                key=col("key", f"{sid}{i:04d}"), index=i, caption=col("caption", f"caption {sid} {i}"),
-                url=col("url", f"http://127.0.0.1/{sid}/{i}.jpg"), sha256=col("sha256", f"sha-{sid}-{i}"),
-                width=col("width", 64), height=col("height", 64), status=col("status", OK), error=col("error", None),
-                caption_status=col("caption_status", OK),
-            ))
+
+            rows.append(
+                SampleRow(
+                    key=col("key", f"{sid}{i:04d}"),
+                    index=i,
+                    caption=col("caption", f"caption {sid} {i}"),
+                    url=col("url", f"http://127.0.0.1/{sid}/{i}.jpg"),
+                    sha256=col("sha256", f"sha-{sid}-{i}"),
+                    width=col("width", 64),
+                    height=col("height", 64),
+                    status=col("status", OK),
+                    error=col("error", None),
+                    caption_status=col("caption_status", OK),
+                )
+            )
         txt = (text or {}).get(sid)
         if txt is None:
             txt = emb

@@ -53,11 +53,24 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]
 
 
 def _args(tiny_model: dict[str, str], urls: Path, out: Path) -> list[str]:
-    return ["run", f"input={urls}", f"output={out}", *overrides(tiny_model),
-            "download.processes_count=1", "download.thread_count=8", f"download.number_sample_per_shard={PER_SHARD}",
-            "download.timeout=5", "local.processes=1", "local.threads=1", "embed.batch_size=16",
-            "index.max_index_memory_usage=50M", "index.current_memory_available=1G", "index.recall_queries=20",
-            "dedup.threshold=1.0", "log_level=WARNING"]  # random weights put every image near every other
+    return [
+        "run",
+        f"input={urls}",
+        f"output={out}",
+        *overrides(tiny_model),
+        "download.processes_count=1",
+        "download.thread_count=8",
+        f"download.number_sample_per_shard={PER_SHARD}",
+        "download.timeout=5",
+        "local.processes=1",
+        "local.threads=1",
+        "embed.batch_size=16",
+        "index.max_index_memory_usage=50M",
+        "index.current_memory_available=1G",
+        "index.recall_queries=20",
+        "dedup.threshold=1.0",
+        "log_level=WARNING",
+    ]  # random weights put every image near every other
 
 
 def _summary(out: Path) -> dict[str, Any]:
@@ -65,8 +78,9 @@ def _summary(out: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_second_run_processes_only_the_new_url_list(site: tuple[Path, str], tiny_model: dict[str, str],
-                                                      tmp_path: Path) -> None:
+def test_second_run_processes_only_the_new_url_list(
+    site: tuple[Path, str], tiny_model: dict[str, str], tmp_path: Path
+) -> None:
     _, base = site
     urls, out = tmp_path / "urls", tmp_path / "out"
     urls.mkdir()
@@ -75,8 +89,14 @@ def test_second_run_processes_only_the_new_url_list(site: tuple[Path, str], tiny
     assert main(_args(tiny_model, urls, out)) == 0
     first = _summary(out)
     assert first["exit_status"] == 0 and set(first["stages"]) == set(STAGES)
-    assert first["new_this_run"] == {"url_lists": 1, "urls": 30, "images": 29, "shards_embedded": 2,
-                                     "samples_embedded": 29, "shards_indexed": 2}
+    assert first["new_this_run"] == {
+        "url_lists": 1,
+        "urls": 30,
+        "images": 29,
+        "shards_embedded": 2,
+        "samples_embedded": 29,
+        "shards_indexed": 2,
+    }
     assert first["stages"]["download"]["summary"]["failures_by_reason"] == {"http 404": 1}
     old_tars = {p.name: _sha(p) for p in (out / "shards").glob("*.tar")}
     assert sorted(old_tars) == ["00000.tar", "00001.tar"]
@@ -85,8 +105,14 @@ def test_second_run_processes_only_the_new_url_list(site: tuple[Path, str], tiny
     _url_list(urls / "a_second.parquet", base, [f"img_{i:03d}.jpg" for i in range(29, 49)] + ["copy_of_000.jpg"])
     assert main(_args(tiny_model, urls, out)) == 0
     second = _summary(out)
-    assert second["new_this_run"] == {"url_lists": 1, "urls": 21, "images": 21, "shards_embedded": 2,
-                                      "samples_embedded": 21, "shards_indexed": 2}
+    assert second["new_this_run"] == {
+        "url_lists": 1,
+        "urls": 21,
+        "images": 21,
+        "shards_embedded": 2,
+        "samples_embedded": 21,
+        "shards_indexed": 2,
+    }
     st = second["stages"]
     assert st["download"]["summary"]["shards_skipped"] == 2 and st["download"]["summary"]["urls_in"] == 51
     assert st["embed"]["summary"]["shards_skipped"] == 2
@@ -109,8 +135,14 @@ def test_second_run_processes_only_the_new_url_list(site: tuple[Path, str], tiny
     # nothing new: every stage runs and reports zero new work
     assert main(_args(tiny_model, urls, out)) == 0
     third = _summary(out)
-    assert third["new_this_run"] == {"url_lists": 0, "urls": 0, "images": 0, "shards_embedded": 0,
-                                     "samples_embedded": 0, "shards_indexed": 0}
+    assert third["new_this_run"] == {
+        "url_lists": 0,
+        "urls": 0,
+        "images": 0,
+        "shards_embedded": 0,
+        "samples_embedded": 0,
+        "shards_indexed": 0,
+    }
     assert third["stages"]["index"]["summary"]["image"]["action"] == "up to date"
     assert not (out / lk.LOCK_NAME).exists()
 
@@ -200,8 +232,13 @@ def _dead_pid() -> int:
 
 
 def _write_lock(root: Path, pid: int, host: str | None = None) -> dict[str, Any]:
-    info = {"pid": pid, "host": host or socket.gethostname(), "time": time.time() - 3600, "command": "run",
-            "token": "theirs"}
+    info = {
+        "pid": pid,
+        "host": host or socket.gethostname(),
+        "time": time.time() - 3600,
+        "command": "run",
+        "token": "theirs",
+    }
     root.mkdir(parents=True, exist_ok=True)
     (root / lk.LOCK_NAME).write_text(json.dumps(info))
     return info
@@ -291,6 +328,9 @@ def test_airflow_dag_parses_and_calls_every_stage() -> None:
 
 
 def test_crontab_example_runs_the_chain() -> None:
-    lines = [ln for ln in (REPO / "jobs" / "crontab.example").read_text().splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#") and "=" not in ln.split()[0]]
+    lines = [
+        ln
+        for ln in (REPO / "jobs" / "crontab.example").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#") and "=" not in ln.split()[0]
+    ]
     assert lines and all(len(ln.split()) > 5 and "clipline run" in ln for ln in lines)

@@ -17,8 +17,16 @@ def test_defaults_from_base_yaml() -> None:
 
 
 def test_dotted_overrides_are_typed() -> None:
-    cfg = load_config(["embed.batch_size=128", "embed.write_parquet=true", "index.max_index_memory_usage=2G",
-                       "dedup.threshold=0.9", "input=/a/{00000..00002}.tar", "spark.conf={spark.x: '1'}"])
+    cfg = load_config(
+        [
+            "embed.batch_size=128",
+            "embed.write_parquet=true",
+            "index.max_index_memory_usage=2G",
+            "dedup.threshold=0.9",
+            "input=/a/{00000..00002}.tar",
+            "spark.conf={spark.x: '1'}",
+        ]
+    )
     assert cfg.embed.batch_size == 128 and cfg.embed.write_parquet is True
     assert cfg.index.max_index_memory_usage == "2G" and cfg.dedup.threshold == 0.9
     assert cfg.input == "/a/{00000..00002}.tar"
@@ -59,7 +67,11 @@ def test_groups_model_and_distributor() -> None:
     assert cfg.model.arch == "ViT-L-14"
     cfg = load_config(["model=open_clip:ViT-B-16/openai", "model.precision=int8"])
     assert (cfg.model.family, cfg.model.arch, cfg.model.pretrained, cfg.model.precision) == (
-        "open_clip", "ViT-B-16", "openai", "int8")
+        "open_clip",
+        "ViT-B-16",
+        "openai",
+        "int8",
+    )
     cfg = load_config(["model.precision=int8", "model=ViT-B-32"])  # group applies first whatever the order
     assert cfg.model.precision == "int8" and cfg.model.pretrained is None
     assert load_config(["model=hf:/models/clip"]).model.path == "/models/clip"

@@ -54,9 +54,13 @@ def three_shards(tmp_path: Path) -> dict[str, Any]:
     meta = {s: {"key": keys[s], "sha256": sha[s]} for s in vecs}
     root = write_fake_embed_output(tmp_path / "emb", vecs, extra_meta=meta)
     k = lambda s, i: keys[s][i]  # noqa: E731
-    return {"root": root, "trio": [k("00000", 7), k("00001", 5), k("00002", 3)],
-            "exact": [k("00001", 9), k("00002", 11)], "distractor": [k("00000", 20), k("00000", 30)],
-            "all": {key for s in keys for key in keys[s]}}
+    return {
+        "root": root,
+        "trio": [k("00000", 7), k("00001", 5), k("00002", 3)],
+        "exact": [k("00001", 9), k("00002", 11)],
+        "distractor": [k("00000", 20), k("00000", 30)],
+        "all": {key for s in keys for key in keys[s]},
+    }
 
 
 def test_groups_keyed_by_sample_key(three_shards: dict[str, Any], tmp_path: Path) -> None:
@@ -105,7 +109,9 @@ def policy_set(tmp_path: Path) -> str:
     width[8] = 512
     url[4] = "http://h/4.jpg"
     meta = {"00000": {"width": width, "url": url}}
-    return write_fake_embed_output(tmp_path / "emb", {"00000": x}, text={"00000": with_scores(x, scores, 9)}, extra_meta=meta)
+    return write_fake_embed_output(
+        tmp_path / "emb", {"00000": x}, text={"00000": with_scores(x, scores, 9)}, extra_meta=meta
+    )
 
 
 @pytest.mark.parametrize("keep,survivor", [("first", 1), ("largest", 8), ("clip_score", 4), ("shortest_url", 4)])
@@ -119,9 +125,17 @@ def test_keep_policies(policy_set: str, tmp_path: Path, keep: str, survivor: int
 
 
 def test_keep_policy_ties_go_to_the_first_key() -> None:
-    rows = pd.DataFrame({"key": list("abcd"), "shard": pd.Categorical(["1", "0", "0", "1"], categories=["0", "1"]),
-                         "index": [0, 5, 2, 1], "width": [10, 10, 10, 10], "height": [2, 2, 2, 2],
-                         "clip_score": [0.3, 0.3, np.nan, 0.3], "url": ["ab", "ab", "ab", "ab"]})
+    rows = pd.DataFrame(
+        {
+            "key": list("abcd"),
+            "shard": pd.Categorical(["1", "0", "0", "1"], categories=["0", "1"]),
+            "index": [0, 5, 2, 1],
+            "width": [10, 10, 10, 10],
+            "height": [2, 2, 2, 2],
+            "clip_score": [0.3, 0.3, np.nan, 0.3],
+            "url": ["ab", "ab", "ab", "ab"],
+        }
+    )
     eligible = np.ones(4, bool)
     for keep in ("first", "largest", "shortest_url"):
         assert np.argmin(keeper_rank(rows, keep, eligible)) == 2  # shard 0, index 2
@@ -157,7 +171,9 @@ def test_failed_samples_are_dropped_and_never_grouped(tmp_path: Path) -> None:
 
 
 def test_no_duplicates_gives_typed_empty_tables(tmp_path: Path) -> None:
-    root = write_fake_embed_output(tmp_path / "emb", {"00000": random_unit(30, 16, seed=1), "00001": random_unit(1, 16)})
+    root = write_fake_embed_output(
+        tmp_path / "emb", {"00000": random_unit(30, 16, seed=1), "00001": random_unit(1, 16)}
+    )
     s = run(root, tmp_path / "out")
     dup = pq.read_table(tmp_path / "out" / "duplicates.parquet")
     assert dup.num_rows == 0 and dup.schema.field("key").type == "string" and dup.schema.field("kept").type == "bool"
@@ -204,8 +220,15 @@ def test_cli_writes_outputs_and_defaults_output_under_input(three_shards: dict[s
     assert json.loads((tmp_path / "o" / "run.json").read_text())["exit_status"] == 0
 
 
-@pytest.mark.parametrize("args", [["dedup.materialize=true"], ["dedup.mode=exact", "dedup.memory_budget=1K"],
-                                  ["dedup.memory_budget=lots"], ["dedup.mode=bogus"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dedup.materialize=true"],
+        ["dedup.mode=exact", "dedup.memory_budget=1K"],
+        ["dedup.memory_budget=lots"],
+        ["dedup.mode=bogus"],
+    ],
+)
 def test_cli_config_errors_exit_2(three_shards: dict[str, Any], tmp_path: Path, args: list[str]) -> None:
     assert main(["dedup", f"input={three_shards['root']}", f"output={tmp_path / 'o'}", *args]) == 2
     assert not (tmp_path / "o" / "keep.parquet").exists()

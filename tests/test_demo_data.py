@@ -68,7 +68,7 @@ def test_planted_near_duplicates_are_close_and_variants_are_not(demo: DemoData) 
         src = demo.truth["items"][group[0]]["source"]
         crop = np.abs(_pixels(demo.images_dir / f"{src}_crop.jpg") - original).mean()
         assert dup < 0.065 and dup < 0.5 * crop, (group, dup, crop)  # a variant is a different picture
-    (a, b), = demo.truth["exact_duplicate_groups"]
+    ((a, b),) = demo.truth["exact_duplicate_groups"]
     assert (demo.images_dir / a).read_bytes() == (demo.images_dir / b).read_bytes()
 
 

@@ -61,15 +61,30 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with serve_directory(tmp / "site") as base:
         urls = [f"{base}/{n}" for n in names]
         url_list = tmp / "urls.parquet"
-        pq.write_table(pa.table({"url": urls, "caption": [f"caption of {n}" for n in names],
-                                 "extra": list(range(N_URLS))}), url_list)
+        pq.write_table(
+            pa.table({"url": urls, "caption": [f"caption of {n}" for n in names], "extra": list(range(N_URLS))}),
+            url_list,
+        )
         out = tmp / "shards"
-        overrides = [f"input={url_list}", f"output={out}", "download.processes_count=1",
-                     "download.thread_count=16", f"download.number_sample_per_shard={PER_SHARD}",
-                     "download.timeout=5", "download.save_additional_columns=[extra]"]
+        overrides = [
+            f"input={url_list}",
+            f"output={out}",
+            "download.processes_count=1",
+            "download.thread_count=16",
+            f"download.number_sample_per_shard={PER_SHARD}",
+            "download.timeout=5",
+            "download.save_additional_columns=[extra]",
+        ]
         summary = download(load_config(overrides))
-        yield {"base": base, "urls": urls, "names": names, "out": out, "summary": summary,
-               "overrides": overrides, "tmp": tmp}
+        yield {
+            "base": base,
+            "urls": urls,
+            "names": names,
+            "out": out,
+            "summary": summary,
+            "overrides": overrides,
+            "tmp": tmp,
+        }
 
 
 def test_server_404_and_files(tmp_path: Path) -> None:
@@ -296,8 +311,16 @@ def test_img2dataset_kwargs(tmp_path: Path) -> None:
     assert kw["distributor"] == "multiprocessing" and kw["incremental_mode"] == "incremental"
     assert kw["max_aspect_ratio"] == float("inf") and kw["input_format"] == "csv"
     assert kw["enable_wandb"] is False and kw["compute_hash"] == "sha256" and kw["caption_col"] == "caption"
-    cfg = load_config(base + ["distributor=spark", "download.incremental=false", "download.max_aspect_ratio=3",
-                              "download.caption_col=null", "download.resize_mode=center_crop"])
+    cfg = load_config(
+        base
+        + [
+            "distributor=spark",
+            "download.incremental=false",
+            "download.max_aspect_ratio=3",
+            "download.caption_col=null",
+            "download.resize_mode=center_crop",
+        ]
+    )
     kw = img2dataset_kwargs(cfg, plan_input(cfg))
     assert kw["distributor"] == "pyspark" and kw["incremental_mode"] == "overwrite"
     assert kw["max_aspect_ratio"] == 3 and kw["caption_col"] is None and kw["resize_mode"] == "center_crop"

@@ -25,8 +25,15 @@ pytestmark = pytest.mark.slow
 
 
 def _embed_args(shards: Path, out: Path, model: dict[str, str], *extra: str) -> list[str]:
-    return ["embed", f"input={shards}/{{00000..00003}}.tar", f"output={out}", *overrides(model),
-            "embed.batch_size=8", "local.processes=1", *extra]
+    return [
+        "embed",
+        f"input={shards}/{{00000..00003}}.tar",
+        f"output={out}",
+        *overrides(model),
+        "embed.batch_size=8",
+        "local.processes=1",
+        *extra,
+    ]
 
 
 def _data_files(out: Path) -> list[Path]:
@@ -62,16 +69,18 @@ def test_outputs_layout_and_run_json(clean_run: Path) -> None:
     assert manifest["dim"] == 32 and manifest["model"]["checkpoint_sha256"]
 
 
-def test_rerun_skips_committed_shards(clean_run: Path, shards: Path, tiny_model: dict[str, str],
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_skips_committed_shards(
+    clean_run: Path, shards: Path, tiny_model: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     before = {p: p.stat().st_mtime_ns for p in _data_files(clean_run)}
     assert main(_embed_args(shards, clean_run, tiny_model)) == 0
     assert "shards_skipped: 4" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in _data_files(clean_run)} == before
 
 
-def test_other_model_into_same_output_is_refused(clean_run: Path, shards: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_model_into_same_output_is_refused(
+    clean_run: Path, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     other = make_tiny_checkpoint(tmp_path / "other", seed=1)
     before = {p: p.stat().st_mtime_ns for p in _data_files(clean_run)}
     assert main(_embed_args(shards, clean_run, other)) == 2
@@ -79,8 +88,9 @@ def test_other_model_into_same_output_is_refused(clean_run: Path, shards: Path, 
     assert {p: p.stat().st_mtime_ns for p in _data_files(clean_run)} == before
 
 
-def test_killed_twice_then_resumed_equals_clean_run(clean_run: Path, shards: Path, tiny_model: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_killed_twice_then_resumed_equals_clean_run(
+    clean_run: Path, shards: Path, tiny_model: dict[str, str], tmp_path: Path
+) -> None:
     out = tmp_path / "emb"
     args = [sys.executable, "-m", "pipeline.cli", *_embed_args(shards, out, tiny_model)]
     rng = random.Random(7)
@@ -88,7 +98,9 @@ def test_killed_twice_then_resumed_equals_clean_run(clean_run: Path, shards: Pat
     # Kill 1: at a random moment early on (start-up, model load or first shard).
     # Kill 2: right after some, but not all, shards have committed.
     for first in (True, False):
-        p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         if first:
             time.sleep(rng.uniform(1.0, 4.0))
         else:
@@ -108,7 +120,9 @@ def test_killed_twice_then_resumed_equals_clean_run(clean_run: Path, shards: Pat
         if rel.suffix == ".npy":
             assert filecmp.cmp(out / rel, clean_run / rel, shallow=False), rel
         else:
-            pd.testing.assert_frame_equal(pq.read_table(out / rel).to_pandas(), pq.read_table(clean_run / rel).to_pandas())
+            pd.testing.assert_frame_equal(
+                pq.read_table(out / rel).to_pandas(), pq.read_table(clean_run / rel).to_pandas()
+            )
     leftovers = [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
 
@@ -121,24 +135,40 @@ def test_embedding_reader_and_autofaiss_read_output(clean_run: Path, tmp_path: P
     assert reader.count == 120 and reader.dimension == 32
     total = sum(len(emb) for emb, _ in reader(batch_size=50, start=0, end=reader.count, show_progress=False))
     assert total == 120
-    pr = EmbeddingReader(str(clean_run / "img_emb"), file_format="parquet_npy",
-                         metadata_folder=str(clean_run / "metadata"), meta_columns=["key", "caption"])
+    pr = EmbeddingReader(
+        str(clean_run / "img_emb"),
+        file_format="parquet_npy",
+        metadata_folder=str(clean_run / "metadata"),
+        meta_columns=["key", "caption"],
+    )
     emb, meta = next(pr(batch_size=120, start=0, end=pr.count, show_progress=False))
     first = np.load(clean_run / "img_emb" / "img_emb_00000.npy")
     assert meta["key"].iloc[0] == "000000000" and np.allclose(emb[0], first[0], atol=1e-3)
-    index, infos = build_index(str(clean_run / "img_emb"), index_path=str(tmp_path / "k.index"),
-                               index_infos_path=str(tmp_path / "i.json"), max_index_memory_usage="100M",
-                               current_memory_available="1G", verbose=40)
+    index, infos = build_index(
+        str(clean_run / "img_emb"),
+        index_path=str(tmp_path / "k.index"),
+        index_infos_path=str(tmp_path / "i.json"),
+        max_index_memory_usage="100M",
+        current_memory_available="1G",
+        verbose=40,
+    )
     assert index is not None and index.ntotal == 120
 
 
-def test_tar_with_every_bad_data_kind_exits_0(tmp_path: Path, tiny_model: dict[str, str],
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_tar_with_every_bad_data_kind_exits_0(
+    tmp_path: Path, tiny_model: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.helpers import hostile_samples, write_tar
 
     samples = hostile_samples()
     write_tar(tmp_path / "in" / "00000.tar", samples)
-    args = ["embed", f"input={tmp_path}/in", f"output={tmp_path}/out", *overrides(tiny_model), "embed.max_pixels=50000000"]
+    args = [
+        "embed",
+        f"input={tmp_path}/in",
+        f"output={tmp_path}/out",
+        *overrides(tiny_model),
+        "embed.max_pixels=50000000",
+    ]
     assert main(args) == 0
     meta = pq.read_table(tmp_path / "out" / "metadata" / "metadata_00000.parquet").to_pandas()
     assert len(meta) == len(samples) and meta["index"].tolist() == list(range(len(samples)))

@@ -43,13 +43,15 @@ def test_20k_random_vectors_ivf_recall_and_self_query(tmp_path: Path) -> None:
     x = random_unit(20_000, 512, seed=0)
     txt = random_unit(20_000, 512, seed=1)
     ids = [f"{s:05d}" for s in range(4)]
-    root = write_fake_embed_output(tmp_path / "emb", {s: x[i * 5000:(i + 1) * 5000] for i, s in enumerate(ids)},
-                                   text={s: txt[i * 5000:(i + 1) * 5000] for i, s in enumerate(ids)})
+    root = write_fake_embed_output(
+        tmp_path / "emb",
+        {s: x[i * 5000 : (i + 1) * 5000] for i, s in enumerate(ids)},
+        text={s: txt[i * 5000 : (i + 1) * 5000] for i, s in enumerate(ids)},
+    )
     # Isotropic random vectors have no clusters, so an IVF index reaches recall 0.9 only by probing most lists.
     # autofaiss tunes nprobe to the time budget; 10 ms gave nprobe=100 on an idle machine but 0.58 recall on a
     # loaded one, so the budget is generous here to keep the test independent of machine load.
-    cfg = make_cfg(Path(root), index_key="IVF100,Flat", modalities=["image"],
-                   max_index_query_time_ms=200.0)
+    cfg = make_cfg(Path(root), index_key="IVF100,Flat", modalities=["image"], max_index_query_time_ms=200.0)
     summary = build(cfg)
 
     img = summary["image"]
@@ -87,9 +89,11 @@ def test_measure_tells_a_coarse_index_from_an_exact_one(tmp_path: Path) -> None:
 
 
 def _meta(n: int, failed: set[int], no_caption: set[int]) -> dict[str, list[Any]]:
-    return {"status": ["decode_error" if i in failed else "ok" for i in range(n)],
-            "caption_status": ["missing" if i in no_caption else "ok" for i in range(n)],
-            "caption": [None if i in no_caption else f"caption {i}" for i in range(n)]}
+    return {
+        "status": ["decode_error" if i in failed else "ok" for i in range(n)],
+        "caption_status": ["missing" if i in no_caption else "ok" for i in range(n)],
+        "caption": [None if i in no_caption else f"caption {i}" for i in range(n)],
+    }
 
 
 def _shard(seed: int, n: int, failed: set[int], no_caption: set[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -102,8 +106,13 @@ def _shard(seed: int, n: int, failed: set[int], no_caption: set[int]) -> tuple[n
 def _write(root: Path, shard_ids: list[str], model: dict[str, Any] | None = None) -> None:
     fails, missing = {3, 7}, {5}
     parts = {s: _shard(int(s), 400, fails, missing) for s in shard_ids}
-    write_fake_embed_output(root, {s: p[0] for s, p in parts.items()}, text={s: p[1] for s, p in parts.items()},
-                            model=model, extra_meta={s: _meta(400, fails, missing) for s in shard_ids})
+    write_fake_embed_output(
+        root,
+        {s: p[0] for s, p in parts.items()},
+        text={s: p[1] for s, p in parts.items()},
+        model=model,
+        extra_meta={s: _meta(400, fails, missing) for s in shard_ids},
+    )
 
 
 def _check_mapping(root: Path, out: Path, modality: str, expected_shards: list[str]) -> pd.DataFrame:
@@ -159,7 +168,10 @@ def test_append_with_another_model_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="rebuild"):
         build(make_cfg(b, out, index_key="IVF16,Flat", modalities=["image"]))
     assert json.loads((out / "image.json").read_text())["ntotal"] == 2 * 398  # untouched
-    assert build(make_cfg(b, out, index_key="IVF16,Flat", modalities=["image"], rebuild=True))["image"]["vectors"] == 3 * 398
+    assert (
+        build(make_cfg(b, out, index_key="IVF16,Flat", modalities=["image"], rebuild=True))["image"]["vectors"]
+        == 3 * 398
+    )
 
 
 def test_autofaiss_giving_up_is_a_job_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,8 +191,18 @@ def test_autofaiss_giving_up_is_a_job_failure(tmp_path: Path, monkeypatch: pytes
 
     from pipeline.cli import main
 
-    assert main(["index", f"input={root}", "index.max_index_memory_usage=1G", "index.current_memory_available=1G",
-                 "log_level=ERROR"]) == 1
+    assert (
+        main(
+            [
+                "index",
+                f"input={root}",
+                "index.max_index_memory_usage=1G",
+                "index.current_memory_available=1G",
+                "log_level=ERROR",
+            ]
+        )
+        == 1
+    )
 
 
 def test_bad_inputs_fail_before_work(tmp_path: Path) -> None:

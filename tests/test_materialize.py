@@ -26,8 +26,10 @@ def tar_keys(path: Path) -> set[str]:
 
 
 def test_filter_tar_keeps_only_listed_samples_byte_for_byte(tmp_path: Path) -> None:
-    src = write_tar(tmp_path / "in.tar", [(f"dir/s{i}", {"jpg": bytes([i]) * 100, "txt": b"c%d" % i, "json": b"{}"})
-                                          for i in range(6)])
+    src = write_tar(
+        tmp_path / "in.tar",
+        [(f"dir/s{i}", {"jpg": bytes([i]) * 100, "txt": b"c%d" % i, "json": b"{}"}) for i in range(6)],
+    )
     counts = filter_tar(str(src), str(tmp_path / "out" / "x.tar"), {"s1", "s4", "s5"})
     assert counts == {"samples_kept": 3, "samples_removed": 3}
     before, after = tar_members(src), tar_members(tmp_path / "out" / "x.tar")
@@ -53,8 +55,9 @@ def test_materialized_dataset_holds_each_group_once(tmp_path: Path) -> None:
     x[7] = x[5] * 0.99 + 0.01 * x[6]
     root = write_fake_embed_output(tmp_path / "emb", {"00000": x[:12], "00001": x[12:]})
     out = tmp_path / "dedup"
-    s = dedup(load_config([f"input={root}", f"output={out}", "dedup.materialize=true",
-                           f"dedup.shards={tmp_path / 'shards'}"]))
+    s = dedup(
+        load_config([f"input={root}", f"output={out}", "dedup.materialize=true", f"dedup.shards={tmp_path / 'shards'}"])
+    )
     keep = pd.read_parquet(out / "keep.parquet")
     assert set(pd.read_parquet(out / "drop.parquet")["key"]) == {"000000007", "000010002", "000010008"}
     written = tar_keys(out / "shards" / "00000.tar") | tar_keys(out / "shards" / "00001.tar")
@@ -62,7 +65,9 @@ def test_materialized_dataset_holds_each_group_once(tmp_path: Path) -> None:
     assert "000000002" in written and "000000005" in written  # each group once: its survivor
     # every field of a kept sample is copied unchanged
     orig = tar_members(tars[1])
-    assert all(tar_members(out / "shards" / "00001.tar")[n] == orig[n] for n in tar_members(out / "shards" / "00001.tar"))
+    assert all(
+        tar_members(out / "shards" / "00001.tar")[n] == orig[n] for n in tar_members(out / "shards" / "00001.tar")
+    )
     urls = pd.read_parquet(out / "urls.parquet")
     assert list(urls.columns) == ["key", "url", "caption"] and set(urls["key"]) == set(keep["key"])
     assert s["materialized"] == {"shards": 2, "samples_kept": 21, "samples_removed": 3, "urls": 21}

@@ -19,9 +19,19 @@ from pipeline.models import ModelLoadError, load_model, model_fingerprint, parse
 from pipeline.models.hf import HFDualEncoder
 from tests.helpers import jpeg_bytes, make_shards
 
-TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TEXT = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+VISION = dict(
+    image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+)
 
 
 def clip_tokenizer() -> Any:
@@ -36,7 +46,9 @@ def clip_tokenizer() -> Any:
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(line.split()) for line in lines]
     symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = (
+        symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    )
     return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges)
 
 
@@ -45,8 +57,9 @@ def save_tiny(root: Path, kind: str, seed: int, tokenizer: Any) -> Path:
 
     torch.manual_seed(seed)
     if kind == "clip":
-        model: Any = CLIPModel(CLIPConfig(text_config=dict(TEXT, max_position_embeddings=77), vision_config=VISION,
-                                          projection_dim=16))
+        model: Any = CLIPModel(
+            CLIPConfig(text_config=dict(TEXT, max_position_embeddings=77), vision_config=VISION, projection_dim=16)
+        )
         processor: Any = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     else:
         model = SiglipModel(SiglipConfig(text_config=dict(TEXT, max_position_embeddings=16), vision_config=VISION))

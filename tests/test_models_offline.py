@@ -159,7 +159,9 @@ def test_run_shard_embeds_with_offline_model(model: offline.OfflineConseModel, t
     img = np.load(tmp_path / "out" / "img_emb" / "img_emb_00000.npy").astype(np.float32)
     txt = np.load(tmp_path / "out" / "text_emb" / "text_emb_00000.npy").astype(np.float32)
     assert img.shape == txt.shape == (6, 384)
-    assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-2) and np.allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-2)
+    assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-2) and np.allclose(
+        np.linalg.norm(txt, axis=1), 1, atol=1e-2
+    )
 
 
 @pytest.mark.slow
@@ -170,8 +172,14 @@ def test_clipline_embed_end_to_end_with_offline_model(tmp_path: Path) -> None:
 
     make_shards(tmp_path / "in", n_shards=2, per_shard=5)
     out = tmp_path / "emb"
-    args = ["embed", f"input={tmp_path}/in/{{00000..00001}}.tar", f"output={out}", "model=offline",
-            "embed.batch_size=4", "local.processes=1"]
+    args = [
+        "embed",
+        f"input={tmp_path}/in/{{00000..00001}}.tar",
+        f"output={out}",
+        "model=offline",
+        "embed.batch_size=4",
+        "local.processes=1",
+    ]
     assert main(args) == 0
     assert committed_shards(str(out)) == ["00000", "00001"]
     manifest = read_manifest(str(out))
@@ -191,4 +199,3 @@ def test_int8_is_refused_before_any_work() -> None:
     cfg = load_config(["model=offline", "model.precision=int8"]).model
     with pytest.raises(ModelLoadError, match="int8 is not supported"):
         model_fingerprint(cfg)  # the embed stage computes this first, so the job stops with exit 2
-

@@ -56,10 +56,16 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_model_strings_parse() -> None:
     assert parse_model_string("open_clip:ViT-B-32/laion2b_s34b_b79k") == {
-        "family": "open_clip", "arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+        "family": "open_clip",
+        "arch": "ViT-B-32",
+        "pretrained": "laion2b_s34b_b79k",
+    }
     assert parse_model_string("ViT-L-14") == {"family": "open_clip", "arch": "ViT-L-14", "pretrained": None}
     assert parse_model_string("hf-hub:timm/ViT-B-16-SigLIP") == {
-        "family": "open_clip", "arch": "hf-hub:timm/ViT-B-16-SigLIP", "pretrained": None}
+        "family": "open_clip",
+        "arch": "hf-hub:timm/ViT-B-16-SigLIP",
+        "pretrained": None,
+    }
     cfg = load_config(["model=open_clip:ViT-B-32/laion2b_s34b_b79k"]).model
     assert (cfg.family, cfg.arch, cfg.pretrained) == ("open_clip", "ViT-B-32", "laion2b_s34b_b79k")
 
@@ -124,8 +130,9 @@ def test_trimming_not_used_for_non_causal_text_towers(tmp_path: Path, text_cfg: 
 
 
 def test_named_tag_unreachable_fails_fast_with_hint(tmp_path: Path, hub_offline: None) -> None:
-    cfg = load_config(["model=open_clip:ViT-B-32/laion2b_s34b_b79k", f"model.cache_dir={tmp_path}",
-                       "model.device=cpu"]).model
+    cfg = load_config(
+        ["model=open_clip:ViT-B-32/laion2b_s34b_b79k", f"model.cache_dir={tmp_path}", "model.device=cpu"]
+    ).model
     t0 = time.perf_counter()
     with pytest.raises(ModelLoadError) as err:
         load_model(cfg)
@@ -156,8 +163,9 @@ def _fill_hub_cache(cache: Path, repo_id: str, checkpoint: str) -> None:
     (snap / "open_clip_pytorch_model.bin").write_bytes(Path(checkpoint).read_bytes())
 
 
-def test_hf_hub_id_loads_from_prefilled_default_cache(tmp_path: Path, tiny: OpenClipModel, tiny_model: dict[str, str],
-                                                     hub_offline: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_hub_id_loads_from_prefilled_default_cache(
+    tmp_path: Path, tiny: OpenClipModel, tiny_model: dict[str, str], hub_offline: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _fill_hub_cache(tmp_path, "clipline-test/tiny", tiny_model["model.checkpoint"])
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     m = load_model(load_config(["model=hf-hub:clipline-test/tiny", "model.device=cpu"]).model)
@@ -166,11 +174,13 @@ def test_hf_hub_id_loads_from_prefilled_default_cache(tmp_path: Path, tiny: Open
     assert torch.allclose(m.encode_text(tokens), tiny.encode_text(tokens), atol=1e-6)
 
 
-def test_hf_hub_id_loads_from_prefilled_model_cache_dir(tmp_path: Path, tiny_model: dict[str, str],
-                                                        hub_offline: None) -> None:
+def test_hf_hub_id_loads_from_prefilled_model_cache_dir(
+    tmp_path: Path, tiny_model: dict[str, str], hub_offline: None
+) -> None:
     _fill_hub_cache(tmp_path, "clipline-test/tiny2", tiny_model["model.checkpoint"])
-    m = load_model(load_config(["model=hf-hub:clipline-test/tiny2", f"model.cache_dir={tmp_path}",
-                                "model.device=cpu"]).model)
+    m = load_model(
+        load_config(["model=hf-hub:clipline-test/tiny2", f"model.cache_dir={tmp_path}", "model.device=cpu"]).model
+    )
     assert m.dim == TINY_CONFIG["embed_dim"]
 
 

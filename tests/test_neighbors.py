@@ -13,7 +13,9 @@ from tests.helpers import random_unit
 THRESHOLD = 0.95
 
 
-def planted(n: int, d: int, groups: int, distractors: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+def planted(
+    n: int, d: int, groups: int, distractors: int, seed: int = 0
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Random unit vectors with `groups` planted duplicate groups (2-6 members at cosine 0.975-0.995 of a centre
     member, so members are ~0.95-0.99 of each other) and `distractors` pairs at cosine 0.90-0.93 (similar, not
     duplicates). Returns (x, member ids of each group, distractor (centre, copy) pairs)."""
@@ -33,7 +35,12 @@ def planted(n: int, d: int, groups: int, distractors: int, seed: int = 0) -> tup
         a = rng.uniform(lo, hi, (len(rows), 1)).astype(np.float32)
         x[rows] = a * c + np.sqrt(1 - a * a) * u
 
-    place(np.concatenate([m[1:] for m in members]), np.concatenate([np.repeat(m[0], len(m) - 1) for m in members]), 0.975, 0.995)
+    place(
+        np.concatenate([m[1:] for m in members]),
+        np.concatenate([np.repeat(m[0], len(m) - 1) for m in members]),
+        0.975,
+        0.995,
+    )
     place(rest[:, 1], rest[:, 0], 0.90, 0.93)
     return x, members, rest
 
@@ -100,7 +107,9 @@ def test_ivf_tunes_nprobe_up_to_target() -> None:
     vs = nb.ArrayVectors(x)
     index = nb.build_ivf(vs, nb.ivf_nlist(len(x)))
     truth = nb.sample_truth(vs, THRESHOLD, sample=2000)
-    nprobe, recall = nb.tune_nprobe(index, nb.ivf_nlist(len(x)), vs, truth, k=16, threshold=THRESHOLD, target=0.999, start=1)
+    nprobe, recall = nb.tune_nprobe(
+        index, nb.ivf_nlist(len(x)), vs, truth, k=16, threshold=THRESHOLD, target=0.999, start=1
+    )
     assert recall is not None and (recall >= 0.999 or nprobe == nb.ivf_nlist(len(x)))
 
 

@@ -25,11 +25,14 @@ def _task(path: Path, kind: str = "webdataset", members: tuple[str, ...] = ()) -
 
 
 def test_tar_samples_in_order_with_fields(tmp_path: Path) -> None:
-    p = write_tar(tmp_path / "00000.tar", [
-        ("a/000", {"jpg": b"J0", "txt": b"cap0", "json": json.dumps({"url": "u0", "sha256": "s0"}).encode()}),
-        ("a/001", {"png": b"P1"}),
-        ("a/002", {"txt": b"only caption"}),
-    ])
+    p = write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("a/000", {"jpg": b"J0", "txt": b"cap0", "json": json.dumps({"url": "u0", "sha256": "s0"}).encode()}),
+            ("a/001", {"png": b"P1"}),
+            ("a/002", {"txt": b"only caption"}),
+        ],
+    )
     got = list(iter_samples(_task(p), IMG, CAP))
     assert [(s.key, s.index) for s in got] == [("000", 0), ("001", 1), ("002", 2)]
     assert got[0].image == b"J0" and got[0].caption == b"cap0" and got[0].meta["url"] == "u0"
@@ -65,8 +68,9 @@ def test_garbage_tar_is_damaged(tmp_path: Path) -> None:
 
 
 def test_img2dataset_parquet(tmp_path: Path) -> None:
-    table = pa.table({"key": ["000", "001"], "jpg": [b"J0", None], "txt": ["c0", "c1"], "url": ["u0", "u1"],
-                      "sha256": ["s0", None]})
+    table = pa.table(
+        {"key": ["000", "001"], "jpg": [b"J0", None], "txt": ["c0", "c1"], "url": ["u0", "u1"], "sha256": ["s0", None]}
+    )
     p = tmp_path / "00000.parquet"
     pq.write_table(table, p)
     got = list(iter_samples(_task(p, "parquet"), IMG, CAP))

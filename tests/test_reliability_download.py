@@ -66,8 +66,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         urls = [f"{base}/{n}" for n in names]
         url_list = tmp / "urls.parquet"
         pq.write_table(pa.table({"url": urls, "caption": [f"caption {n}" for n in names]}), url_list)
-        argv = ["download", f"input={url_list}", "download.processes_count=1", "download.thread_count=16",
-                f"download.number_sample_per_shard={PER_SHARD}", "download.timeout=5", "log_level=WARNING"]
+        argv = [
+            "download",
+            f"input={url_list}",
+            "download.processes_count=1",
+            "download.thread_count=16",
+            f"download.number_sample_per_shard={PER_SHARD}",
+            "download.timeout=5",
+            "log_level=WARNING",
+        ]
         yield {"tmp": tmp, "urls": urls, "argv": argv}
 
 
@@ -84,8 +91,9 @@ class Reference:
 
     def __init__(self, site: dict[str, Any]):
         self.out = site["tmp"] / "reference"
-        self.proc = subprocess.Popen(_command(site, self.out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            _command(site, self.out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO
+        )
         self.err: str | None = None
 
     def path(self) -> Path:
@@ -133,13 +141,13 @@ KILL_POINTS = {1: ("*.tar", 1), 2: ("*_stats.json", 2)}
 
 
 @pytest.mark.parametrize("seed", sorted(KILL_POINTS))
-def test_sigkill_then_rerun_accounts_for_every_url_once(seed: int, site: dict[str, Any],
-                                                       reference: Reference) -> None:
+def test_sigkill_then_rerun_accounts_for_every_url_once(seed: int, site: dict[str, Any], reference: Reference) -> None:
     out = site["tmp"] / f"killed_{seed}"
     rng = random.Random(seed)
     pattern, count = KILL_POINTS[seed]
-    proc = subprocess.Popen(_command(site, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _command(site, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True
+    )
     try:
         _wait_for(out, pattern, count, proc)
         time.sleep(rng.uniform(0.0, 0.2))
@@ -176,8 +184,9 @@ def _copy(reference: Path, dest: Path) -> Path:
     return dest
 
 
-def test_rerun_after_a_kill_mid_stats_write_completes(site: dict[str, Any], reference: Reference,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_after_a_kill_mid_stats_write_completes(
+    site: dict[str, Any], reference: Reference, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = _copy(reference.path(), site["tmp"] / "torn_stats")
     (out / "00002_stats.json").write_text("")  # what a kill between open('w') and the flush leaves
     assert cli.main([*site["argv"], f"output={out}"]) == 0, capsys.readouterr().err[-2000:]

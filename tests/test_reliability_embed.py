@@ -105,8 +105,16 @@ def faulty_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, s
     fault_dir.mkdir()
     out = root / "out"
     # Two worker processes: the crash retries in one overlap the wait for the hung one's timeout in the other.
-    argv = ["embed", f"input={root}/in", f"output={out}", *overrides(tiny_model), "local.processes=2",
-            "embed.batch_size=4", "embed.max_shard_retries=1", f"embed.shard_timeout_s={SHARD_TIMEOUT_S}"]
+    argv = [
+        "embed",
+        f"input={root}/in",
+        f"output={out}",
+        *overrides(tiny_model),
+        "local.processes=2",
+        "embed.batch_size=4",
+        "embed.max_shard_retries=1",
+        f"embed.shard_timeout_s={SHARD_TIMEOUT_S}",
+    ]
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FAULT_DIR, str(fault_dir))
@@ -115,8 +123,16 @@ def faulty_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, s
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = cli.main(argv)
         wall = time.monotonic() - t0
-    return {"root": root, "out": out, "argv": argv, "code": code, "stdout": stdout.getvalue(),
-            "stderr": stderr.getvalue(), "wall": wall, "faults": fault_dir}
+    return {
+        "root": root,
+        "out": out,
+        "argv": argv,
+        "code": code,
+        "stdout": stdout.getvalue(),
+        "stderr": stderr.getvalue(),
+        "wall": wall,
+        "faults": fault_dir,
+    }
 
 
 @pytest.mark.slow
@@ -148,8 +164,9 @@ def test_hung_worker_is_killed_by_shard_timeout_and_retried(faulty_job: dict[str
 
 
 @pytest.mark.slow
-def test_rerun_with_normal_worker_finishes_only_the_failed_shard(faulty_job: dict[str, Any],
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_with_normal_worker_finishes_only_the_failed_shard(
+    faulty_job: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     out: Path = faulty_job["out"]
     kept = {k: v for k, v in _snapshot(out).items() if k != "run.json"}
     assert cli.main(faulty_job["argv"]) == 0
@@ -173,8 +190,9 @@ COMMIT_FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(COMMIT_FAULTS))
-def test_storage_fault_during_commit_leaves_no_committed_shard(fault: str, tmp_path: Path, cfg: Config,
-                                                               faultyfs: Any, inline: None) -> None:
+def test_storage_fault_during_commit_leaves_no_committed_shard(
+    fault: str, tmp_path: Path, cfg: Config, faultyfs: Any, inline: None
+) -> None:
     fsspec.filesystem("faultymem").pipe("faultymem://in/00000.tar", _tar_bytes(tmp_path, _samples(6)))
     out = "faultymem://out"
     task = ShardTask("00000", "faultymem://in/00000.tar", out, "webdataset")
@@ -213,8 +231,9 @@ def test_storage_fault_in_driver_reports_failed_shard_and_rerun_completes(
     assert uncommitted_leftovers("faultymem://out") == [] and [p for p in faultyfs.store if ".tmp-" in p] == []
 
 
-def test_overwrite_interrupted_mid_commit_never_leaves_a_mixed_committed_shard(tmp_path: Path, cfg: Config,
-                                                                               faultyfs: Any) -> None:
+def test_overwrite_interrupted_mid_commit_never_leaves_a_mixed_committed_shard(
+    tmp_path: Path, cfg: Config, faultyfs: Any
+) -> None:
     fs = fsspec.filesystem("faultymem")
     out = "faultymem://out"
     task = ShardTask("00000", "faultymem://in/00000.tar", out, "webdataset")
@@ -230,8 +249,9 @@ def test_overwrite_interrupted_mid_commit_never_leaves_a_mixed_committed_shard(t
         assert len(img) == len(txt) == len(meta) == read_stats(out, sid)["rows"]
 
 
-def test_failed_job_leaves_no_uncommitted_files_for_ecosystem_readers(tmp_path: Path, cfg: Config,
-                                                                     inline: None) -> None:
+def test_failed_job_leaves_no_uncommitted_files_for_ecosystem_readers(
+    tmp_path: Path, cfg: Config, inline: None
+) -> None:
     from embedding_reader import EmbeddingReader
 
     make_shards(tmp_path / "in", n_shards=2, per_shard=6)
@@ -248,8 +268,9 @@ def test_failed_job_leaves_no_uncommitted_files_for_ecosystem_readers(tmp_path: 
 
 
 @pytest.mark.timeout(120)
-def test_stalled_read_is_cut_off_by_read_timeout(tmp_path: Path, cfg: Config, faultyfs: Any, inline: None,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_stalled_read_is_cut_off_by_read_timeout(
+    tmp_path: Path, cfg: Config, faultyfs: Any, inline: None, caplog: pytest.LogCaptureFixture
+) -> None:
     fs = fsspec.filesystem("faultymem")
     data = _tar_bytes(tmp_path, _samples(12))
     fs.pipe("faultymem://in/00000.tar", data)
@@ -314,13 +335,28 @@ def _hostile_shard() -> list[tuple[str, dict[str, bytes]]]:
 
 
 EXPECTED_STATUS = {
-    "good1": "ok", "junk": "no_image", "png16": "ok", "gif": "ok", "webp": "ok", "bomb": "too_large",
-    "jpegclaim": "too_large", "svg": "decode_error", "bigcaption": "ok", "nocaption": "ok", "dup": "ok",
-    "onlycaption": "no_image", "badjson": "ok", "listjson": "ok", "mixed": "ok", "atlimit": "ok",
+    "good1": "ok",
+    "junk": "no_image",
+    "png16": "ok",
+    "gif": "ok",
+    "webp": "ok",
+    "bomb": "too_large",
+    "jpegclaim": "too_large",
+    "svg": "decode_error",
+    "bigcaption": "ok",
+    "nocaption": "ok",
+    "dup": "ok",
+    "onlycaption": "no_image",
+    "badjson": "ok",
+    "listjson": "ok",
+    "mixed": "ok",
+    "atlimit": "ok",
 }
 
-RSS_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+RSS_WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -334,13 +370,32 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, 
     (inp / "00002.tar").write_bytes(np.random.default_rng(2).bytes(20_000))  # not a tar at all
     (inp / "00003.tar").write_bytes(gzip.compress(write_tar(root / "gz.tar", _samples(3, seed=2)).read_bytes()))
     out = root / "out"
-    cmd = [sys.executable, "-c", RSS_WRAPPER, sys.executable, "-m", "pipeline.cli", "embed", f"input={inp}",
-           f"output={out}", *overrides(tiny_model), "local.processes=1", "embed.batch_size=8"]
+    cmd = [
+        sys.executable,
+        "-c",
+        RSS_WRAPPER,
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "embed",
+        f"input={inp}",
+        f"output={out}",
+        *overrides(tiny_model),
+        "local.processes=1",
+        "embed.batch_size=8",
+    ]
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     maxrss = int(r.stdout.rsplit("MAXRSS_KB", 1)[1].split()[0])
-    return {"out": out, "samples": samples, "code": r.returncode, "stdout": r.stdout, "stderr": r.stderr,
-            "maxrss_kb": maxrss, "wall": time.monotonic() - t0}
+    return {
+        "out": out,
+        "samples": samples,
+        "code": r.returncode,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "maxrss_kb": maxrss,
+        "wall": time.monotonic() - t0,
+    }
 
 
 @pytest.mark.slow
@@ -388,11 +443,13 @@ def test_hostile_corpus_every_sample_has_a_row_and_a_reason(hostile_run: dict[st
 def test_icon_hiding_a_huge_png_is_rejected_without_decoding_it(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.ico"
     bomb.write_bytes(ico_wrapping(png_1bit(30_000, 30_000)))
-    code = ("import resource, sys; from pipeline.decode import decode_image, SampleError\n"
-            f"try:\n    decode_image(open({str(bomb)!r}, 'rb').read(), 89_478_485)\n"
-            "except SampleError as e:\n    print('STATUS', e.status)\n"
-            # VmHWM belongs to this exec'd image; ru_maxrss would include the forked pytest parent's pages.
-            "print('MAXRSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    code = (
+        "import resource, sys; from pipeline.decode import decode_image, SampleError\n"
+        f"try:\n    decode_image(open({str(bomb)!r}, 'rb').read(), 89_478_485)\n"
+        "except SampleError as e:\n    print('STATUS', e.status)\n"
+        # VmHWM belongs to this exec'd image; ru_maxrss would include the forked pytest parent's pages.
+        "print('MAXRSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     # Rejected before any pixel is decoded: ICO is not an accepted container (decode_error) or too large.
     assert "STATUS decode_error" in r.stdout or "STATUS too_large" in r.stdout, r.stderr[-2000:]
@@ -400,13 +457,15 @@ def test_icon_hiding_a_huge_png_is_rejected_without_decoding_it(tmp_path: Path) 
 
 
 def test_one_megabyte_single_word_caption_is_tokenized_quickly() -> None:
-    code = ("import signal, random, string, time, open_clip, torch\n"
-            "from pipeline.batch import RawSample\nfrom pipeline.decode import BatchDecoder\n"
-            "d = BatchDecoder(None, open_clip.tokenize, 10**8, (255, 255, 255), embed_image=False)\n"
-            "rnd = random.Random(0)\n"
-            "word = ''.join(rnd.choice(string.ascii_lowercase) for _ in range(1 << 20)).encode()\n"
-            "signal.alarm(3)\nt0 = time.perf_counter()\nd('00000', [RawSample('k', 0, None, word)])\n"
-            "print('SECONDS', time.perf_counter() - t0)")
+    code = (
+        "import signal, random, string, time, open_clip, torch\n"
+        "from pipeline.batch import RawSample\nfrom pipeline.decode import BatchDecoder\n"
+        "d = BatchDecoder(None, open_clip.tokenize, 10**8, (255, 255, 255), embed_image=False)\n"
+        "rnd = random.Random(0)\n"
+        "word = ''.join(rnd.choice(string.ascii_lowercase) for _ in range(1 << 20)).encode()\n"
+        "signal.alarm(3)\nt0 = time.perf_counter()\nd('00000', [RawSample('k', 0, None, word)])\n"
+        "print('SECONDS', time.perf_counter() - t0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0 and "SECONDS" in r.stdout, f"killed by the 3 s alarm (rc {r.returncode})"
 
@@ -453,8 +512,9 @@ BAD_ARGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ARGS))
-def test_bad_arguments_exit_2_and_touch_nothing(case: str, existing: dict[str, Any],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_exit_2_and_touch_nothing(
+    case: str, existing: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     extra, needle = BAD_ARGS[case]
     args = [a.format(tmp=existing["tmp"]) for a in extra]
     assert cli.main(["embed", *existing["base"], *args]) == 2
@@ -464,8 +524,9 @@ def test_bad_arguments_exit_2_and_touch_nothing(case: str, existing: dict[str, A
 
 
 @pytest.mark.parametrize("where", ["under a regular file", "in /proc"])
-def test_unusable_output_location_fails_with_its_path(where: str, tmp_path: Path, tiny_model: dict[str, str],
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_unusable_output_location_fails_with_its_path(
+    where: str, tmp_path: Path, tiny_model: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     make_shards(tmp_path / "in", n_shards=1, per_shard=2)
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
@@ -476,8 +537,9 @@ def test_unusable_output_location_fails_with_its_path(where: str, tmp_path: Path
     assert blocker.read_text() == "keep me" and not os.path.exists(out)
 
 
-def test_output_that_is_a_regular_file_returns_an_exit_code(tmp_path: Path, tiny_model: dict[str, str],
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_that_is_a_regular_file_returns_an_exit_code(
+    tmp_path: Path, tiny_model: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     make_shards(tmp_path / "in", n_shards=1, per_shard=2)
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
@@ -494,9 +556,9 @@ def test_corrupt_manifest_is_named(existing: dict[str, Any], capsys: pytest.Capt
     assert _snapshot(existing["out"]) == before
 
 
-def test_failed_run_with_a_broken_model_does_not_lock_the_output(tmp_path: Path, tiny_model: dict[str, str],
-                                                                 inline: None,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_run_with_a_broken_model_does_not_lock_the_output(
+    tmp_path: Path, tiny_model: dict[str, str], inline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_shards(tmp_path / "in", n_shards=1, per_shard=2)
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
@@ -507,8 +569,7 @@ def test_failed_run_with_a_broken_model_does_not_lock_the_output(tmp_path: Path,
     assert cli.main(base + overrides(tiny_model)) == 0, capsys.readouterr().err[-1500:]
 
 
-def test_output_inside_input_folder_is_not_reembedded(tmp_path: Path, tiny_model: dict[str, str],
-                                                      inline: None) -> None:
+def test_output_inside_input_folder_is_not_reembedded(tmp_path: Path, tiny_model: dict[str, str], inline: None) -> None:
     make_shards(tmp_path / "data", n_shards=2, per_shard=3)
     argv = ["embed", f"input={tmp_path / 'data'}", f"output={tmp_path / 'data' / 'emb'}", *overrides(tiny_model)]
     first = cli.main(argv)
@@ -517,14 +578,20 @@ def test_output_inside_input_folder_is_not_reembedded(tmp_path: Path, tiny_model
     assert committed_shards(str(tmp_path / "data" / "emb")) == ["00000", "00001"]
 
 
-def test_images_added_to_a_folder_input_are_embedded_on_rerun(tmp_path: Path, tiny_model: dict[str, str],
-                                                              inline: None) -> None:
+def test_images_added_to_a_folder_input_are_embedded_on_rerun(
+    tmp_path: Path, tiny_model: dict[str, str], inline: None
+) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(12):
         (folder / f"img_{i:03d}.jpg").write_bytes(jpeg_bytes(i))
-    argv = ["embed", f"input={folder}", f"output={tmp_path / 'out'}", *overrides(tiny_model),
-            "embed.folder_shard_size=5"]
+    argv = [
+        "embed",
+        f"input={folder}",
+        f"output={tmp_path / 'out'}",
+        *overrides(tiny_model),
+        "embed.folder_shard_size=5",
+    ]
     assert cli.main(argv) == 0
     for i in range(12, 14):  # sort last: they belong in the last, partly filled shard
         (folder / f"img_{i:03d}.jpg").write_bytes(jpeg_bytes(i))
@@ -533,8 +600,9 @@ def test_images_added_to_a_folder_input_are_embedded_on_rerun(tmp_path: Path, ti
     assert sorted(keys) == [f"img_{i:03d}" for i in range(14)]
 
 
-def test_empty_shard_keeps_output_readable_by_embedding_reader(tmp_path: Path, tiny_model: dict[str, str],
-                                                               inline: None) -> None:
+def test_empty_shard_keeps_output_readable_by_embedding_reader(
+    tmp_path: Path, tiny_model: dict[str, str], inline: None
+) -> None:
     """A 0-row npy broke embedding-reader's parquet_npy mode for the whole folder: empty shards commit stats only."""
     from embedding_reader import EmbeddingReader
 
@@ -543,8 +611,9 @@ def test_empty_shard_keeps_output_readable_by_embedding_reader(tmp_path: Path, t
         pass  # a valid tar with no members
     out = tmp_path / "out"
     assert cli.main(["embed", f"input={tmp_path / 'in'}", f"output={out}", *overrides(tiny_model)]) == 0
-    reader = EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy",
-                             metadata_folder=str(out / "metadata"), meta_columns=["key"])
+    reader = EmbeddingReader(
+        str(out / "img_emb"), file_format="parquet_npy", metadata_folder=str(out / "metadata"), meta_columns=["key"]
+    )
     rows = sum(len(emb) for emb, _ in reader(batch_size=3, start=0, end=reader.count, show_progress=False))
     assert rows == 8
     assert committed_shards(str(out)) == ["00000", "00002"] and not (out / "img_emb" / "img_emb_00001.npy").exists()

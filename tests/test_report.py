@@ -67,8 +67,11 @@ def test_counts_match_the_data(page: dict[str, str], demo: Path) -> None:
     meta = _meta(demo)
     truth = json.loads((demo / "source" / "truth.json").read_text())
     cells = _cells(page["counts"])
-    assert _num(cells["embedded"]) == (meta["status"] == "ok").sum() == json.loads(
-        (demo / "embeddings" / "index" / "image.json").read_text())["ntotal"]
+    assert (
+        _num(cells["embedded"])
+        == (meta["status"] == "ok").sum()
+        == json.loads((demo / "embeddings" / "index" / "image.json").read_text())["ntotal"]
+    )
     assert _num(cells["samples read"]) == len(meta) and _num(cells["embed failures"]) == (meta["status"] != "ok").sum()
     assert _num(cells["URLs in"]) == truth["n_urls"]
     assert _num(cells["images downloaded"]) + _num(cells["download failures"]) == truth["n_urls"]
@@ -191,11 +194,25 @@ def test_screenshot_in_headless_chromium(page: dict[str, str], demo: Path, tmp_p
         pytest.skip("no chromium binary (apt-get install -y chromium)")
     shot = tmp_path / "report.png"
     subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3000",
-         (demo / "report" / "index.html").as_uri()],
-        check=True, timeout=120, capture_output=True)
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            (demo / "report" / "index.html").as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     assert shot.stat().st_size > 50_000
     im = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert im.shape[:2] == (3000, 1200)

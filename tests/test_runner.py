@@ -29,8 +29,10 @@ _load = load_shard
 
 
 def test_embeddings_equal_open_clip_reference(tmp_path: Path, cfg, tiny_model: dict[str, str]) -> None:
-    samples = [(f"{i:04d}", {"jpg": jpeg_bytes(i, (40 + i, 30 + 2 * i)), "txt": f"a photo of thing {i}".encode()})
-               for i in range(10)]
+    samples = [
+        (f"{i:04d}", {"jpg": jpeg_bytes(i, (40 + i, 30 + 2 * i)), "txt": f"a photo of thing {i}".encode()})
+        for i in range(10)
+    ]
     tar = write_tar(tmp_path / "00000.tar", samples)
     model = get_model(cfg)
     stats = run_shard(ShardTask("00000", str(tar), str(tmp_path / "out"), "webdataset"), model, cfg.embed)
@@ -41,13 +43,17 @@ def test_embeddings_equal_open_clip_reference(tmp_path: Path, cfg, tiny_model: d
     assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-4)
     assert np.allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-4)
 
-    ref, _, pre = open_clip.create_model_and_transforms(tiny_model["model.arch"], pretrained=tiny_model["model.checkpoint"])
+    ref, _, pre = open_clip.create_model_and_transforms(
+        tiny_model["model.arch"], pretrained=tiny_model["model.checkpoint"]
+    )
     ref.eval()
     tok = open_clip.get_tokenizer(tiny_model["model.arch"])
     with torch.no_grad():
         pix = torch.stack([pre(Image.open(io.BytesIO(f["jpg"])).convert("RGB")) for _, f in samples])
         ref_img = torch.nn.functional.normalize(ref.encode_image(pix), dim=-1).numpy()
-        ref_txt = torch.nn.functional.normalize(ref.encode_text(tok([f["txt"].decode() for _, f in samples])), dim=-1).numpy()
+        ref_txt = torch.nn.functional.normalize(
+            ref.encode_text(tok([f["txt"].decode() for _, f in samples])), dim=-1
+        ).numpy()
     assert (np.sum(img * ref_img, axis=1) >= 0.999).all()
     assert (np.sum(txt * ref_txt, axis=1) >= 0.999).all()
     assert np.allclose(meta["clip_score"].to_numpy(), np.sum(img * txt, axis=1), atol=1e-5)

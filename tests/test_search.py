@@ -29,8 +29,13 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, st
     from pipeline.models import load_model, model_fingerprint
 
     tmp = tmp_path_factory.mktemp("search")
-    mc = ModelConfig(arch=tiny_model["model.arch"], checkpoint=tiny_model["model.checkpoint"],
-                     model_config_file=tiny_model["model.model_config_file"], pretrained=None, device="cpu")
+    mc = ModelConfig(
+        arch=tiny_model["model.arch"],
+        checkpoint=tiny_model["model.checkpoint"],
+        model_config_file=tiny_model["model.model_config_file"],
+        pretrained=None,
+        device="cpu",
+    )
     model = load_model(mc)
     (tmp / "query.jpg").write_bytes(jpeg_bytes(42, size=(64, 64)))
     with torch.no_grad():
@@ -60,7 +65,9 @@ def test_text_query_end_to_end(index_dir: Path) -> None:
     lines = table.splitlines()
     assert lines[0].split() == COLUMNS and len(lines) == 4
     assert TEXT_KEY in lines[1] and CAPTION in lines[1]
-    rows = [json.loads(line) for line in query(index_dir, "query.k=3", "query.format=jsonl", text=[CAPTION]).splitlines()]
+    rows = [
+        json.loads(line) for line in query(index_dir, "query.k=3", "query.format=jsonl", text=[CAPTION]).splitlines()
+    ]
     assert [r["rank"] for r in rows] == [1, 2, 3] and list(rows[0]) == COLUMNS
     assert rows[0]["key"] == TEXT_KEY and rows[0]["caption"] == CAPTION and rows[0]["score"] > 0.99
     assert rows[0]["url"] == "http://127.0.0.1/00001/7.jpg"
@@ -89,7 +96,9 @@ def test_key_query_returns_the_sample_first(index_dir: Path) -> None:
 def test_cli_query_prints_jsonl(index_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.cli import main
 
-    assert main(["query", f"input={index_dir}", "log_level=ERROR", "--text", CAPTION, "-k", "2", "--format", "jsonl"]) == 0
+    assert (
+        main(["query", f"input={index_dir}", "log_level=ERROR", "--text", CAPTION, "-k", "2", "--format", "jsonl"]) == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(rows) == 2 and rows[0]["key"] == TEXT_KEY
 

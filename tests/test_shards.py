@@ -41,7 +41,9 @@ def test_memory_fsspec_urls() -> None:
     for i in range(2):
         fs.pipe(f"/plan/{i:05d}.tar", b"x")
     urls = expand_input("memory://plan/{00000..00001}.tar")
-    assert urls == ["memory:///plan/00000.tar", "memory:///plan/00001.tar"] or all(u.startswith("memory://") for u in urls)
+    assert urls == ["memory:///plan/00000.tar", "memory:///plan/00001.tar"] or all(
+        u.startswith("memory://") for u in urls
+    )
     tasks = plan_shards(urls, "memory://out")
     assert [t.shard_id for t in tasks] == ["00000", "00001"] and tasks[0].kind == "webdataset"
 

@@ -48,8 +48,10 @@ def test_plan_groups() -> None:
 
 
 def test_failed_partition_reads_spark_abort_message() -> None:
-    msg = ("Job aborted due to stage failure: Task 5 in stage 0.0 failed 2 times, most recent failure: "
-           "Lost task 5.1 in stage 0.0 (TID 8) (192.0.2.2 executor driver): Python worker exited unexpectedly")
+    msg = (
+        "Job aborted due to stage failure: Task 5 in stage 0.0 failed 2 times, most recent failure: "
+        "Lost task 5.1 in stage 0.0 (TID 8) (192.0.2.2 executor driver): Python worker exited unexpectedly"
+    )
     assert failed_partition(msg) == (5, 2)
     assert failed_partition("Task 0 in stage 12.3 failed 1 time, most recent failure") == (0, 1)
     assert failed_partition("SparkContext was shut down") == (None, 1)
@@ -78,8 +80,19 @@ def spark() -> Iterator[Any]:
 
     old = os.environ.get("PYSPARK_PYTHON")
     os.environ["PYSPARK_PYTHON"] = sys.executable
-    cfg = validate({"spark": {"master": "local[2,2]", "app_name": "clipline-tests", "conf": {
-        "spark.ui.enabled": "false", "spark.driver.memory": "512m", "spark.sql.shuffle.partitions": "2"}}})
+    cfg = validate(
+        {
+            "spark": {
+                "master": "local[2,2]",
+                "app_name": "clipline-tests",
+                "conf": {
+                    "spark.ui.enabled": "false",
+                    "spark.driver.memory": "512m",
+                    "spark.sql.shuffle.partitions": "2",
+                },
+            }
+        }
+    )
     creating = SparkContext._active_spark_context is None
     session = get_session(cfg)
     yield session
@@ -98,8 +111,10 @@ def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_cfg(tiny_model: dict[str, str], inp: Path, out: Path, *extra: str) -> Config:
-    return load_config(overrides(tiny_model) + [
-        f"input={inp}", f"output={out}", "embed.batch_size=8", "local.processes=1", "local.threads=1", *extra])
+    return load_config(
+        overrides(tiny_model)
+        + [f"input={inp}", f"output={out}", "embed.batch_size=8", "local.processes=1", "local.threads=1", *extra]
+    )
 
 
 def read_output(out: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -212,7 +227,10 @@ def test_progress_is_reported_as_shards_commit(spark: Any, tmp_path: Path) -> No
     tasks = [ShardTask(s, f"/nowhere/{s}.tar", out, "webdataset") for s in ("00000", "00004")]
     seen: dict[str, float] = {}
     results = SparkDistributor(cfg).run(
-        tasks, "tests.spark_faults:marker_worker", max_retries=0, on_result=lambda r: seen.setdefault(r.task.shard_id, time.monotonic())
+        tasks,
+        "tests.spark_faults:marker_worker",
+        max_retries=0,
+        on_result=lambda r: seen.setdefault(r.task.shard_id, time.monotonic()),
     )
     end = time.monotonic()
     assert all(r.ok for r in results) and set(seen) == {"00000", "00004"}
@@ -242,7 +260,11 @@ def settled_commits(out: Path, quiet_s: float = 4.0, limit_s: float = 60.0) -> l
 @pytest.mark.spark
 @pytest.mark.slow
 def test_killed_job_resubmitted_with_spark_submit_skips_committed_shards(
-    spark: Any, tiny_model: dict[str, str], shards_dir: Path, tmp_path: Path, repo_root: Path,
+    spark: Any,
+    tiny_model: dict[str, str],
+    shards_dir: Path,
+    tmp_path: Path,
+    repo_root: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "out"
@@ -272,9 +294,19 @@ def test_killed_job_resubmitted_with_spark_submit_skips_committed_shards(
     # Re-submit with spark-submit, the real worker and no faults: jobs/embed.py runs unchanged.
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
     cmd = [
-        _spark_submit(), "--master", "local[2]", "--driver-memory", "512m", "--conf", "spark.ui.enabled=false",
-        str(repo_root / "jobs" / "embed.py"), f"input={shards_dir}", f"output={out}", "distributor=spark",
-        "embed.batch_size=8", *overrides(tiny_model),
+        _spark_submit(),
+        "--master",
+        "local[2]",
+        "--driver-memory",
+        "512m",
+        "--conf",
+        "spark.ui.enabled=false",
+        str(repo_root / "jobs" / "embed.py"),
+        f"input={shards_dir}",
+        f"output={out}",
+        "distributor=spark",
+        "embed.batch_size=8",
+        *overrides(tiny_model),
     ]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

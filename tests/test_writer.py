@@ -77,8 +77,14 @@ def test_uncommitted_files_are_not_shards(tmp_path) -> None:
 
 
 def test_manifest_mismatch_is_refused(tmp_path) -> None:
-    m = {"format_version": 1, "model": {"arch": "a", "checkpoint_sha256": "1"}, "output_dtype": "float16",
-         "image": True, "text": True, "normalized": True}
+    m = {
+        "format_version": 1,
+        "model": {"arch": "a", "checkpoint_sha256": "1"},
+        "output_dtype": "float16",
+        "image": True,
+        "text": True,
+        "normalized": True,
+    }
     check_or_write_manifest(str(tmp_path), m)
     check_or_write_manifest(str(tmp_path), dict(m, created="later"))  # same identity: fine
     with pytest.raises(ManifestMismatch, match="model"):

@@ -169,8 +169,9 @@ def test_classify_cli_with_offline_model_on_photos(tmp_path: Path, monkeypatch: 
     assert "top-1 label counts" in text and "cat" in text
 
 
-def test_cli_exit_codes_through_run_command(tmp_path: Path, table_model: TableModel,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exit_codes_through_run_command(
+    tmp_path: Path, table_model: TableModel, capsys: pytest.CaptureFixture[str]
+) -> None:
     """As `clipline classify` will call it: bad input and an unavailable model are usage errors (exit 2)."""
     import logging
 
@@ -186,5 +187,13 @@ def test_cli_exit_codes_through_run_command(tmp_path: Path, table_model: TableMo
     assert run_command("classify", fn, cfg, log, {"classes": ["cat", "dog"]}) == 2
     assert "fingerprint differs" in capsys.readouterr().err
     (tmp_path / "classes.txt").write_text("# animals\ncat\n\ndog\n")
-    assert run_command("classify", fn, load_config([f"input={tmp_path / 'nothing'}"]), log,
-                       {"classes_file": str(tmp_path / "classes.txt")}) == 2
+    assert (
+        run_command(
+            "classify",
+            fn,
+            load_config([f"input={tmp_path / 'nothing'}"]),
+            log,
+            {"classes_file": str(tmp_path / "classes.txt")},
+        )
+        == 2
+    )

@@ -77,7 +77,9 @@ _FINGERPRINTS: dict[str, Callable[["ModelConfig"], dict[str, Any]]] = {}
 
 
 def register(
-    family: str, loader: Callable[["ModelConfig"], EmbeddingModel], fingerprint: Callable[["ModelConfig"], dict[str, Any]]
+    family: str,
+    loader: Callable[["ModelConfig"], EmbeddingModel],
+    fingerprint: Callable[["ModelConfig"], dict[str, Any]],
 ) -> None:
     _LOADERS[family] = loader
     _FINGERPRINTS[family] = fingerprint

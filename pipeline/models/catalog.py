@@ -118,7 +118,9 @@ def _open_clip_section(cache_dir: str | None) -> tuple[list[str], int]:
             n_cached += cached
             marked.append(f"{CACHED}{tag}" if cached else tag)
         n_tags += len(tags)
-        lines.append(f"  {arch}: " + (", ".join(marked) if marked else "(no pretrained tag; use model.checkpoint=FILE)"))
+        lines.append(
+            f"  {arch}: " + (", ".join(marked) if marked else "(no pretrained tag; use model.checkpoint=FILE)")
+        )
     lines.append(
         f"  {len(open_clip.list_models())} architectures, {n_tags} pretrained tags, {n_cached} cached. "
         "Any architecture also loads a local state dict: model.arch=ARCH model.checkpoint=FILE "
@@ -129,12 +131,16 @@ def _open_clip_section(cache_dir: str | None) -> tuple[list[str], int]:
 
 def _hub_section(cache_dir: str | None) -> list[str]:
     snaps = hub_snapshots(cache_dir)
-    lines = ["hf  (model=hf:DIR, or model.family=hf model.path=DIR) transformers CLIP/SigLIP saved with save_pretrained()"]
+    lines = [
+        "hf  (model=hf:DIR, or model.family=hf model.path=DIR) transformers CLIP/SigLIP saved with save_pretrained()"
+    ]
     hf_dirs = [s for s in snaps if s.kind != "open_clip"]
     oc_repos = [s for s in snaps if s.kind == "open_clip"]
     lines += [f"  cached {s.kind}: model=hf:{s.path}" for s in hf_dirs]
     if not hf_dirs:
-        lines.append("  no CLIP/SigLIP transformers model in the local Hugging Face cache; any save_pretrained() folder works")
+        lines.append(
+            "  no CLIP/SigLIP transformers model in the local Hugging Face cache; any save_pretrained() folder works"
+        )
     if oc_repos:
         lines.append("open_clip Hugging Face repositories in the local cache:")
         lines += [f"  model=hf-hub:{s.repo_id}" for s in oc_repos]

