@@ -203,3 +203,18 @@ def test_run_shard_with_hf_model(clip: HFDualEncoder, tmp_path: Path) -> None:
     img = np.load(tmp_path / "out" / "img_emb" / "img_emb_00000.npy").astype(np.float32)
     direct = clip.encode_image(clip.preprocess(Image.open(io.BytesIO(jpeg_bytes(0))).convert("RGB"))[None])
     assert np.allclose(img[0], direct[0].numpy(), atol=2e-3)  # float16 storage
+
+
+@pytest.mark.slow
+def test_clipline_embed_with_an_hf_directory(clip_dir: Path, tmp_path: Path) -> None:
+    """`clipline embed model=hf:DIR` end to end: the same stage, writer and manifest as open_clip."""
+    import json
+
+    from pipeline.cli import main
+
+    make_shards(tmp_path / "in", n_shards=1, per_shard=6)
+    out = tmp_path / "out"
+    assert main(["embed", f"input={tmp_path}/in", f"output={out}", f"model=hf:{clip_dir}", "local.processes=1"]) == 0
+    img = np.load(out / "img_emb" / "img_emb_00000.npy").astype(np.float32)
+    assert img.shape[0] == 6 and np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-2)
+    assert json.loads((out / "manifest.json").read_text())["model"]["family"] == "hf"
