@@ -49,7 +49,7 @@ def test_bad_usage_exits_2() -> None:
 def test_console_script_and_job_entry_point(repo_root: Path) -> None:
     r = subprocess.run([sys.executable, str(repo_root / "jobs" / "embed.py"), "foo=1"], capture_output=True, text=True)
     assert r.returncode == 2 and "foo: unknown key" in r.stderr
-    r = subprocess.run(["clipline", "--version"], capture_output=True, text=True)
+    r = subprocess.run([str(Path(sys.executable).parent / "clipline"), "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip()
 
 

@@ -87,6 +87,12 @@ def test_manifest_mismatch_is_refused(tmp_path) -> None:
     }
     check_or_write_manifest(str(tmp_path), m)
     check_or_write_manifest(str(tmp_path), dict(m, created="later"))  # same identity: fine
+    # Nothing committed yet: a different model may still take the folder over (a failed first run binds nothing).
+    check_or_write_manifest(str(tmp_path), dict(m, model={"arch": "b"}))
+    check_or_write_manifest(str(tmp_path), m)
+    w = ShardWriter(str(tmp_path), "00000", dim=4)
+    w.write(_batch(2))
+    w.close({"shard": "00000"})
     with pytest.raises(ManifestMismatch, match="model"):
         check_or_write_manifest(str(tmp_path), dict(m, model={"arch": "a", "checkpoint_sha256": "2"}))
     with pytest.raises(ManifestMismatch, match="output_dtype"):
