@@ -59,8 +59,15 @@ def main() -> None:
             p = subprocess.Popen(
                 cmd(out), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-            delay = rng.uniform(0.2, 0.8) * clean_s
-            time.sleep(delay)
+            # Kill when a random number of further shards has committed, plus a random fraction of a shard's time,
+            # so every kill lands mid-job whatever the machine's speed.
+            have = len(committed_shards(str(out), include_empty=True))
+            target = rng.randint(have + 1, max(have + 1, a.shards - 5))
+            start = time.perf_counter()
+            while len(committed_shards(str(out), include_empty=True)) < target and p.poll() is None:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 0.5 * clean_s / a.shards))
+            delay = time.perf_counter() - start
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             print(f"kill {i + 1} after {delay:.1f}s: {len(committed_shards(str(out)))} shards committed", flush=True)
