@@ -258,6 +258,10 @@ def _build_new(
     return index, pd.concat(tables, ignore_index=True), infos
 
 
+class InterruptedCommit(JobFailed):
+    """The index, its id map and its json disagree: a run was killed between their renames."""
+
+
 def _append(
     embed_dir: str, output: str, modality: str, info: dict[str, Any], new: list[str]
 ) -> tuple[faiss.Index, pd.DataFrame]:
@@ -267,7 +271,7 @@ def _append(
     with fsspec.open(files.ids, "rb") as f:
         ids = pd.read_parquet(f)
     if not index.ntotal == info["ntotal"] == len(ids):
-        raise JobFailed(
+        raise InterruptedCommit(
             f"{output}: the {modality} index ({index.ntotal}), its json ({info['ntotal']}) and its id "
             f"map ({len(ids)}) disagree (interrupted write?); set index.rebuild=true"
         )
@@ -312,12 +316,18 @@ def _index_modality(
             log.info("%s index is up to date (%d shards)", modality, len(shards))
             return _summary(info, "up to date", 0, time.perf_counter() - t0)
         log.info("appending %d new shards to the %s index", len(new), modality)
-        index, ids = _append(embed_dir, output, modality, info, new)
-        history = info.get("history", []) + [{"action": "appended", "shards": new, "time": time.time()}]
-        infos = info.get("autofaiss", {})
-        # Shards in id order: appended shards come after the indexed ones, whatever their ids.
-        shards = info["shards"] + new
-    else:
+        try:
+            index, ids = _append(embed_dir, output, modality, info, new)
+        except InterruptedCommit as e:
+            # A killed commit left a mix of old and new files: the only safe resume is a rebuild.
+            log.warning("%s; rebuilding the %s index", e, modality)
+            fresh = True
+        else:
+            history = info.get("history", []) + [{"action": "appended", "shards": new, "time": time.time()}]
+            infos = info.get("autofaiss", {})
+            # Shards in id order: appended shards come after the indexed ones, whatever their ids.
+            shards = info["shards"] + new
+    if fresh:
         new = shards
         index, ids, infos = _build_new(cfg, embed_dir, output, modality, shards)
         history = [{"action": "built", "shards": len(shards), "time": time.time()}]

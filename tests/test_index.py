@@ -239,3 +239,19 @@ def test_opq_keys_build_despite_the_faiss_keyword_rename(tmp_path: Path) -> None
     index = read_index(str(root / "index" / "image.index"))
     assert isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
     assert faiss.extract_index_ivf(index).code_size == 4  # 8 codes of 4 bits per vector: compressed
+
+
+def test_commit_killed_between_renames_resumes_by_rebuilding(tmp_path: Path) -> None:
+    """A kill after the index and id map were renamed but before the json: the next run rebuilds by itself."""
+    root, out = tmp_path / "emb", tmp_path / "idx"
+    _write(root, ["00000", "00001"])
+    build(make_cfg(root, out, index_key="IVF16,Flat"))
+    stale_json = (out / "image.json").read_text()
+    _write(root, ["00002"])
+    build(make_cfg(root, out, index_key="IVF16,Flat"))
+    (out / "image.json").write_text(stale_json)  # the json rename never happened
+    _write(root, ["00003"])
+    resumed = build(make_cfg(root, out, index_key="IVF16,Flat"))
+    assert resumed["image"]["action"] == "built" and resumed["image"]["shards"] == 4
+    _check_mapping(root, out, "image", ["00000", "00001", "00002", "00003"])
+    assert read_index(str(out / "image.index")).ntotal == 4 * 398
