@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def generate(root: Path, n: int, dim: int, per_shard: int, clusters: int, seed: int = 0) -> None:
     from pipeline.batch import OK, EmbeddedBatch, SampleRow
-    from pipeline.writer import FORMAT_VERSION, ShardWriter, check_or_write_manifest, committed_shards, update_manifest
+    from pipeline.writer import ShardWriter, check_or_write_manifest, committed_shards, new_manifest, update_manifest
 
     n_shards = -(-n // per_shard)
     if len(committed_shards(str(root))) == n_shards:
@@ -37,18 +37,7 @@ def generate(root: Path, n: int, dim: int, per_shard: int, clusters: int, seed: 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(clusters, 1), dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    check_or_write_manifest(
-        str(root),
-        {
-            "format_version": FORMAT_VERSION,
-            "model": {"arch": "bench"},
-            "model_config": {"arch": "bench"},
-            "output_dtype": "float16",
-            "image": True,
-            "text": True,
-            "normalized": True,
-        },
-    )
+    check_or_write_manifest(str(root), new_manifest({"arch": "bench"}, {"arch": "bench"}))
     for s in range(n_shards):
         sid = f"{s:05d}"
         m = min(per_shard, n - s * per_shard)

@@ -15,10 +15,10 @@ from pipeline.models import model_fingerprint
 from pipeline.shards import ShardTask, drop_unfinished_downloads, expand_input, plan_shards
 from pipeline.summary import JobFailed, summarize_embed
 from pipeline.writer import (
-    FORMAT_VERSION,
     ManifestMismatch,
     check_or_write_manifest,
     committed_shards,
+    new_manifest,
     read_stats,
     remove_uncommitted,
     sweep_temporary,
@@ -32,16 +32,13 @@ WORKER = "pipeline.runner:embed_worker"
 
 
 def build_manifest(cfg: Config) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": model_fingerprint(cfg.model),
-        "model_config": cfg.model.model_dump(mode="json"),
-        "output_dtype": cfg.embed.output_dtype,
-        "image": cfg.embed.image,
-        "text": cfg.embed.text,
-        "normalized": True,
-        "failed_rows": "zero vector; see metadata status / caption_status",
-    }
+    return new_manifest(
+        model_fingerprint(cfg.model),
+        cfg.model.model_dump(mode="json"),
+        cfg.embed.output_dtype,
+        cfg.embed.image,
+        cfg.embed.text,
+    )
 
 
 def plan(cfg: Config) -> list[ShardTask]:

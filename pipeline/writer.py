@@ -241,6 +241,26 @@ class ManifestMismatch(ValueError):
     """The output folder was made with a different model, preprocessing or dtype."""
 
 
+def new_manifest(
+    model: dict[str, Any],
+    model_config: dict[str, Any],
+    output_dtype: str = "float16",
+    image: bool = True,
+    text: bool = True,
+) -> dict[str, Any]:
+    """The manifest of an embed output: the one place its fields are spelled."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "model_config": model_config,
+        "output_dtype": output_dtype,
+        "image": image,
+        "text": text,
+        "normalized": True,
+        "failed_rows": "zero vector; see metadata status / caption_status",
+    }
+
+
 def manifest_path(output: str) -> str:
     return posixpath.join(output, "manifest.json")
 

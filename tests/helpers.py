@@ -99,19 +99,14 @@ def write_fake_embed_output(
     extra_meta: shard_id -> {column: values} overriding metadata columns (url, sha256, width, caption, status...).
     """
     from pipeline.batch import OK, EmbeddedBatch, SampleRow
-    from pipeline.writer import FORMAT_VERSION, ShardWriter, check_or_write_manifest, update_manifest
+    from pipeline.writer import ShardWriter, check_or_write_manifest, new_manifest, update_manifest
 
     root = str(root)
     dim = next(iter(shards.values())).shape[1]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "model": model or {"family": "open_clip", "arch": TINY_ARCH, "checkpoint_sha256": "fake"},
-        "model_config": {"family": "open_clip", "arch": TINY_ARCH},
-        "output_dtype": "float16",
-        "image": True,
-        "text": True,
-        "normalized": True,
-    }
+    manifest = new_manifest(
+        model or {"family": "open_clip", "arch": TINY_ARCH, "checkpoint_sha256": "fake"},
+        {"family": "open_clip", "arch": TINY_ARCH},
+    )
     check_or_write_manifest(root, manifest)
     for sid, emb in shards.items():
         n = len(emb)
