@@ -113,120 +113,140 @@ class LocalDistributor(Distributor):
         on_result: Callable[[TaskResult], None] | None = None,
         timeout_s: float | None = None,
     ) -> list[TaskResult]:
-        results = [TaskResult(t, ok=False) for t in tasks]
         if not tasks:
-            return results
+            return []
         n, gpus, threads = self._layout()
-        n = min(n, len(tasks))
-        ctx = mp.get_context("spawn")
-        result_q = ctx.Queue()
-        cfg_json = self.cfg.model_dump_json()
-        todo: list[tuple[int, int]] = [(i, 0) for i in range(len(tasks))]
-        todo.reverse()
-        procs: dict[int, Any] = {}
-        queues: dict[int, Any] = {}
-        holding: dict[int, tuple[int, int, float]] = {}
-        remaining = len(tasks)
-        idle_deaths = 0
-
-        def spawn(slot: int) -> None:
-            q = ctx.Queue()
-            p = ctx.Process(
-                target=_worker_main,
-                args=(slot, gpus[slot], threads, worker, cfg_json, q, result_q),
-                name=f"clipline-worker-{slot}",
-            )
-            p.start()
-            procs[slot], queues[slot] = p, q
-
-        def settle(idx: int, attempt: int, error: str) -> None:
-            nonlocal remaining
-            r = results[idx]
-            r.errors.append(error)
-            r.attempts = attempt + 1
-            if attempt < max_retries:
-                log.warning(
-                    "shard %s failed (attempt %d), retrying: %s",
-                    tasks[idx].shard_id,
-                    attempt + 1,
-                    error.splitlines()[0],
-                )
-                todo.append((idx, attempt + 1))
-            else:
-                log.error(
-                    "shard %s failed after %d attempts: %s", tasks[idx].shard_id, attempt + 1, error.splitlines()[0]
-                )
-                remaining -= 1
-                if on_result:
-                    on_result(r)
-
-        def handle(msg: tuple[str, int, int, Any]) -> None:
-            nonlocal remaining
-            kind, slot, idx, payload = msg
-            held = holding.get(slot)
-            if held is None or held[0] != idx:
-                return  # stale message from an attempt already settled (timed out, then finished)
-            holding.pop(slot)
-            if kind == "done":
-                r = results[idx]
-                r.ok, r.stats, r.attempts = True, payload, held[1] + 1
-                remaining -= 1
-                if on_result:
-                    on_result(r)
-            else:
-                settle(idx, held[1], payload)
-
-        for slot in range(n):
-            spawn(slot)
+        pool = _Pool(
+            tasks, min(n, len(tasks)), gpus, threads, worker, self.cfg.model_dump_json(), max_retries, on_result
+        )
         try:
-            while remaining:
-                for slot in procs:
-                    if slot not in holding and todo:
-                        idx, attempt = todo.pop()
-                        queues[slot].put((idx, tasks[idx], attempt))
-                        holding[slot] = (idx, attempt, time.monotonic())
-                try:
-                    handle(result_q.get(timeout=0.5))
-                    continue
-                except queue.Empty:
-                    pass
-                for slot, p in list(procs.items()):
-                    held = holding.get(slot)
-                    if not p.is_alive():
-                        # A result sent just before dying is already in the pipe: take it first.
-                        while True:
-                            try:
-                                handle(result_q.get_nowait())
-                            except queue.Empty:
-                                break
-                        held = holding.get(slot)
-                        if held is not None:
-                            holding.pop(slot)
-                            settle(held[0], held[1], f"worker process died (exit code {p.exitcode})")
-                        else:
-                            idle_deaths += 1
-                            if idle_deaths > 3 * n:
-                                raise RuntimeError(f"worker processes keep dying at start-up (exit code {p.exitcode})")
-                        if remaining:
-                            spawn(slot)
-                    elif held is not None and timeout_s and time.monotonic() - held[2] > timeout_s:
-                        p.kill()
-                        p.join()
-                        holding.pop(slot)
-                        settle(held[0], held[1], f"shard timed out after {timeout_s:.0f}s")
-                        spawn(slot)
+            while pool.remaining:
+                pool.dispatch()
+                if not pool.take_result(timeout=0.5):
+                    pool.check_workers(timeout_s)
         finally:
-            for slot in procs:
-                try:
-                    queues[slot].put(None)
-                except Exception:
+            pool.shutdown()
+        return pool.results
+
+
+class _Pool:
+    """The supervisor's state: worker processes, what each holds, what is left to do, and the results."""
+
+    def __init__(
+        self,
+        tasks: list[ShardTask],
+        n: int,
+        gpus: list[int | None],
+        threads: int,
+        worker: str,
+        cfg_json: str,
+        max_retries: int,
+        on_result: Callable[[TaskResult], None] | None,
+    ):
+        self.tasks, self.n, self.gpus, self.threads = tasks, n, gpus, threads
+        self.worker, self.cfg_json, self.max_retries, self.on_result = worker, cfg_json, max_retries, on_result
+        self.ctx = mp.get_context("spawn")
+        self.result_q = self.ctx.Queue()
+        self.results = [TaskResult(t, ok=False) for t in tasks]
+        self.todo: list[tuple[int, int]] = [(i, 0) for i in reversed(range(len(tasks)))]
+        self.procs: dict[int, Any] = {}
+        self.queues: dict[int, Any] = {}
+        self.holding: dict[int, tuple[int, int, float]] = {}  # slot -> (task index, attempt, start time)
+        self.remaining = len(tasks)
+        self.idle_deaths = 0
+        for slot in range(n):
+            self.spawn(slot)
+
+    def spawn(self, slot: int) -> None:
+        q = self.ctx.Queue()
+        p = self.ctx.Process(
+            target=_worker_main,
+            args=(slot, self.gpus[slot], self.threads, self.worker, self.cfg_json, q, self.result_q),
+            name=f"clipline-worker-{slot}",
+        )
+        p.start()
+        self.procs[slot], self.queues[slot] = p, q
+
+    def dispatch(self) -> None:
+        for slot in self.procs:
+            if slot not in self.holding and self.todo:
+                idx, attempt = self.todo.pop()
+                self.queues[slot].put((idx, self.tasks[idx], attempt))
+                self.holding[slot] = (idx, attempt, time.monotonic())
+
+    def finish(self, r: TaskResult) -> None:
+        self.remaining -= 1
+        if self.on_result:
+            self.on_result(r)
+
+    def settle(self, idx: int, attempt: int, error: str) -> None:
+        """A failed attempt: retry it, or past the bound report the task failed."""
+        r = self.results[idx]
+        r.errors.append(error)
+        r.attempts = attempt + 1
+        first = error.splitlines()[0]
+        if attempt < self.max_retries:
+            log.warning("shard %s failed (attempt %d), retrying: %s", self.tasks[idx].shard_id, attempt + 1, first)
+            self.todo.append((idx, attempt + 1))
+        else:
+            log.error("shard %s failed after %d attempts: %s", self.tasks[idx].shard_id, attempt + 1, first)
+            self.finish(r)
+
+    def handle(self, msg: tuple[str, int, int, Any]) -> None:
+        kind, slot, idx, payload = msg
+        held = self.holding.get(slot)
+        if held is None or held[0] != idx:
+            return  # stale message from an attempt already settled (timed out, then finished)
+        self.holding.pop(slot)
+        if kind == "done":
+            r = self.results[idx]
+            r.ok, r.stats, r.attempts = True, payload, held[1] + 1
+            self.finish(r)
+        else:
+            self.settle(idx, held[1], payload)
+
+    def take_result(self, timeout: float | None) -> bool:
+        try:
+            msg = self.result_q.get(timeout=timeout) if timeout else self.result_q.get_nowait()
+        except queue.Empty:
+            return False
+        self.handle(msg)
+        return True
+
+    def check_workers(self, timeout_s: float | None) -> None:
+        """Replace dead workers (their shard counts as a failed attempt) and kill ones past the shard timeout."""
+        for slot, p in list(self.procs.items()):
+            held = self.holding.get(slot)
+            if not p.is_alive():
+                while self.take_result(timeout=None):  # a result sent just before dying is already in the pipe
                     pass
-            for p in procs.values():
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        return results
+                held = self.holding.pop(slot, None)
+                if held is not None:
+                    self.settle(held[0], held[1], f"worker process died (exit code {p.exitcode})")
+                else:
+                    self.idle_deaths += 1
+                    if self.idle_deaths > 3 * self.n:
+                        raise RuntimeError(f"worker processes keep dying at start-up (exit code {p.exitcode})")
+                if self.remaining:
+                    self.spawn(slot)
+            elif held is not None and timeout_s and time.monotonic() - held[2] > timeout_s:
+                p.kill()
+                p.join()
+                self.holding.pop(slot)
+                self.settle(held[0], held[1], f"shard timed out after {timeout_s:.0f}s")
+                self.spawn(slot)
+
+    def shutdown(self) -> None:
+        for q in self.queues.values():
+            try:
+                q.put(None)
+            except Exception:
+                pass
+        for p in self.procs.values():
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
 
 
 _BACKENDS: dict[str, str] = {
