@@ -101,7 +101,7 @@ def _sha256(fs: Any, path: str, copy_to: str | None = None) -> str:
 
 def list_url_files(fs: Any, folder: str, input_format: str | None) -> list[str]:
     """URL-list files of a folder, by name; names starting with '.' or '_' are files still being written."""
-    from pipeline.download import format_of
+    from pipeline.urllist import format_of
 
     names = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False) if fs.isfile(p))
     names = [n for n in names if not n.startswith((".", "_")) and format_of(n) is not None]
@@ -238,7 +238,7 @@ def _run_stage(cfg: Config, stage: str, paths: ChainLayout, facts: dict[str, Any
     if stage == "download":
         source = cfg.input
         if isinstance(source, str) and _is_dir(source):
-            from pipeline.download import plan_input
+            from pipeline.urllist import plan_input
 
             def check(url_list: str) -> None:
                 plan_input(stage_config(cfg, url_list, paths.shards))
