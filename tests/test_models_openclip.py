@@ -239,3 +239,50 @@ def test_catalog_marks_cached_weights_and_lists_families(tmp_path: Path, tiny_mo
     assert "model=offline" in text and "installed: efficientnet-lite-pytorch" in text
     assert f"model=hf:{hf_snap}" in text and "model=hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in text
     assert list_models_cli(load_config([]), family="hf").startswith("hf  (model=hf:DIR")
+
+
+def test_linearized_attention_equals_multihead_attention(tiny: OpenClipModel) -> None:
+    """The int8 path swaps nn.MultiheadAttention for Linear projections; in fp32 that must not change any output."""
+    import copy
+
+    from pipeline.models.quantize import linearize_self_attention
+
+    swapped_model = copy.deepcopy(tiny.model)
+    n_blocks = sum(1 for m in tiny.model.modules() if isinstance(m, torch.nn.MultiheadAttention))
+    assert linearize_self_attention(swapped_model) == n_blocks > 0
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in swapped_model.modules())
+    pixels = torch.stack([tiny.preprocess(im) for im in images(3)])
+    tokens = tiny.tokenize(CAPTIONS)
+    with torch.inference_mode():
+        for encode in ("encode_image", "encode_text"):  # text exercises the causal float mask
+            ref = getattr(tiny.model, encode)(pixels if encode == "encode_image" else tokens)
+            got = getattr(swapped_model, encode)(pixels if encode == "encode_image" else tokens)
+            assert torch.allclose(got, ref, atol=1e-5), encode
+
+
+def test_self_attention_boolean_mask_and_refusals() -> None:
+    from pipeline.models.quantize import SelfAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    sa = SelfAttention(mha)
+    x = torch.randn(2, 5, 16)
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # True = masked, MHA convention
+    with torch.inference_mode():
+        assert torch.allclose(sa(x, x, x, attn_mask=causal)[0], mha(x, x, x, need_weights=False, attn_mask=causal)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="self-attention"):
+        sa(x, x.clone(), x)
+    with pytest.raises(ValueError, match="only plain self-attention"):
+        SelfAttention(torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8))
+
+
+def test_int8_quantizes_attention_projections_too(tiny_model: dict[str, str]) -> None:
+    from pipeline.models.quantize import quantize_int8, quantized_fraction
+
+    q = load_model(load_config([*overrides(tiny_model), "model.device=cpu", "model.precision=int8"]).model)
+    assert isinstance(q, OpenClipModel)
+    assert quantized_fraction(q.model) == 1.0
+    plain = load_model(load_config([*overrides(tiny_model), "model.device=cpu"]).model)
+    assert isinstance(plain, OpenClipModel)
+    # what quantize_dynamic alone reaches: the attention projections stay fp32
+    assert quantized_fraction(quantize_int8(plain.model)) < 0.8

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import EmbeddingModel, ModelLoadError, register, resolve_device, sha256_file
+from pipeline.models.quantize import quantize_int8
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -133,7 +134,7 @@ class HFDualEncoder(EmbeddingModel):
         if cfg.precision == "int8":
             if self.device.type != "cpu":
                 raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            model = quantize_int8(model)
         self.model = model
         self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
         text_cfg = getattr(config, "text_config", config)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import EmbeddingModel, ModelLoadError, register, resolve_device, sha256_file
+from pipeline.models.quantize import linearize_self_attention, quantize_int8, quantized_fraction
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,11 +86,17 @@ class OpenClipModel(EmbeddingModel):
         if cfg.precision == "int8":
             if self.device.type != "cpu":
                 raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            swapped = linearize_self_attention(model)
+            model = quantize_int8(model)
+            log.info(
+                "int8: %d attention blocks linearized, %.0f%% of matmul weights int8",
+                swapped,
+                100 * quantized_fraction(model),
+            )
             # open_clip reads the compute dtype off a Linear weight, which quantized layers expose as a method.
             for mod in model.modules():
                 if hasattr(mod, "get_cast_dtype"):
-                    mod.get_cast_dtype = lambda: torch.float32
+                    mod.get_cast_dtype = lambda: torch.float32  # type: ignore[assignment]
         self.model = model
         self.cfg = cfg
         self._preprocess = preprocess
