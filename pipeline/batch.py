@@ -45,11 +45,12 @@ class DecodedBatch:
 
     shard_id: str
     rows: list[SampleRow]
-    pixels: Any  # torch.Tensor [n_image_ok, C, H, W] or None
+    pixels: Any  # torch.Tensor [n_image_ok, C, H, W] (on the model's device with embed.decode=device) or None
     image_rows: list[int]  # positions in rows that have pixels
     tokens: Any  # tokenizer output for captions, or None
     text_rows: list[int]  # positions in rows that have a caption
     decode_seconds: float = 0.0
+    device_decoded: int = 0  # images decoded and preprocessed on the model's device (embed.decode=device)
 
 
 @dataclass

@@ -116,6 +116,12 @@ class EmbedConfig(_Section):
     draft: bool = Field(
         True, description="Decode big JPEGs at reduced scale (Pillow draft) when lossless for the model."
     )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="Where JPEGs are decoded and preprocessed: cpu (Pillow, in the decode threads) or device "
+        "(torchvision decode_jpeg and tensor resize on model.device, nvjpeg on a GPU; open_clip models only; "
+        "other formats and unusual JPEGs still take the cpu path).",
+    )
     trim_text: bool = Field(True, description="Cut caption padding for causal text towers (identical results).")
     max_shard_retries: int = Field(2, ge=0, description="Retries of a shard whose worker crashed or raised.")
     shard_timeout_s: float = Field(3600.0, gt=0, description="A shard running longer than this is failed.")

@@ -8,12 +8,15 @@ import math
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.batch import OK, DecodedBatch, RawSample, SampleRow
+
+if TYPE_CHECKING:
+    from pipeline.devicedecode import DeviceDecoder
 
 # Our own pixel check runs on the header first; PIL's own guard would only warn or raise with another message.
 Image.MAX_IMAGE_PIXELS = None
@@ -122,7 +125,11 @@ def _meta_str(meta: dict[str, Any], key: str) -> str | None:
 
 
 class BatchDecoder:
-    """Turns a list of RawSamples into a DecodedBatch using the model's preprocess and tokenizer."""
+    """Turns a list of RawSamples into a DecodedBatch using the model's preprocess and tokenizer.
+
+    With a `device` decoder (embed.decode=device), plain JPEGs are decoded and preprocessed on the model's device
+    and every other sample, or any JPEG the device fails on, takes the CPU path: the statuses stay the same.
+    """
 
     def __init__(
         self,
@@ -132,6 +139,7 @@ class BatchDecoder:
         background: tuple[int, int, int],
         embed_image: bool = True,
         draft_size: int | None = None,
+        device: "DeviceDecoder | None" = None,
     ):
         self.preprocess = preprocess
         self.tokenize = tokenize
@@ -139,9 +147,11 @@ class BatchDecoder:
         self.background = background
         self.embed_image = embed_image
         self.draft_size = draft_size
+        self.device = device
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
 
-    def decode_one(self, s: RawSample) -> tuple[SampleRow, Any]:
+    def _row(self, s: RawSample) -> tuple[SampleRow, bool]:
+        """The sample's metadata row, and whether its image is still to be decoded."""
         caption, caption_status = decode_caption(s.caption)
         sha = _meta_str(s.meta, "sha256") or (hashlib.sha256(s.image).hexdigest() if s.image else None)
         row = SampleRow(
@@ -158,35 +168,58 @@ class BatchDecoder:
         )
         if s.error:
             row.status, row.error = "read_error", s.error
-            return row, None
+            return row, False
         if "_json_error" in s.meta:
             row.error = "json sidecar is not valid JSON: url/sha256 unknown"
-        if not self.embed_image:
-            return row, None
+        return row, self.embed_image
+
+    def _cpu_pixels(self, row: SampleRow, data: bytes | None) -> Any:
+        """The policy path: decode_image + the model's own preprocess; failures become the row's status."""
         try:
-            img = decode_image(s.image, self.max_pixels, self.background, self.draft_size)
+            img = decode_image(data, self.max_pixels, self.background, self.draft_size)
             row.width, row.height = img.info.get("source_size", img.size)
-            return row, self.preprocess(img)
+            return self.preprocess(img)
         except SampleError as e:
             row.status, row.error = e.status, str(e)
-            return row, None
+            return None
         except Exception as e:  # a preprocess failure is still one sample's problem
             row.status, row.error = "preprocess_error", f"{type(e).__name__}: {e}"
-            return row, None
+            return None
+
+    def decode_one(self, s: RawSample) -> tuple[SampleRow, Any]:
+        row, wants_image = self._row(s)
+        return row, (self._cpu_pixels(row, s.image) if wants_image else None)
 
     def __call__(self, shard_id: str, samples: list[RawSample]) -> DecodedBatch:
         import torch
 
         t0 = time.perf_counter()
         rows: list[SampleRow] = []
-        pixels: list[Any] = []
-        image_rows: list[int] = []
+        pixels: dict[int, Any] = {}
+        deferred: list[tuple[int, tuple[int, int]]] = []  # (position, (w, h)) of JPEGs for the device
         for i, s in enumerate(samples):
-            row, px = self.decode_one(s)
+            row, wants_image = self._row(s)
             rows.append(row)
+            if not wants_image:
+                continue
+            size = self.device.probe(s.image, self.max_pixels) if self.device is not None else None
+            if size is not None:
+                deferred.append((i, size))
+                continue
+            px = self._cpu_pixels(row, s.image)
             if px is not None:
-                pixels.append(px)
-                image_rows.append(i)
+                pixels[i] = px
+        on_device: set[int] = set()
+        if deferred and self.device is not None:
+            crops = self.device.decode([samples[i].image or b"" for i, _ in deferred], [wh for _, wh in deferred])
+            for (i, (w, h)), crop in zip(deferred, crops):
+                if crop is None:  # the device refused it: the CPU policy decides what this sample is
+                    crop = self._cpu_pixels(rows[i], samples[i].image)
+                else:
+                    rows[i].width, rows[i].height = w, h
+                    on_device.add(i)
+                if crop is not None:
+                    pixels[i] = crop
         text_rows = [i for i, r in enumerate(rows) if r.caption is not None and r.status != "read_error"]
         tokens = None
         if self.tokenize is not None and text_rows:
@@ -195,5 +228,19 @@ class BatchDecoder:
                 tokens = self.tokenize(texts)
         else:
             text_rows = []
-        batch_pixels = torch.stack(pixels) if pixels else None
-        return DecodedBatch(shard_id, rows, batch_pixels, image_rows, tokens, text_rows, time.perf_counter() - t0)
+        image_rows = sorted(pixels)
+        batch_pixels = None
+        if image_rows and self.device is not None:
+            batch_pixels = self.device.assemble([pixels[i] for i in image_rows], [i in on_device for i in image_rows])
+        elif image_rows:
+            batch_pixels = torch.stack([pixels[i] for i in image_rows])
+        return DecodedBatch(
+            shard_id,
+            rows,
+            batch_pixels,
+            image_rows,
+            tokens,
+            text_rows,
+            time.perf_counter() - t0,
+            device_decoded=len(on_device),
+        )

@@ -47,6 +47,10 @@ def plan(cfg: Config) -> list[ShardTask]:
     assert cfg.input is not None and cfg.output is not None
     if not (cfg.embed.image or cfg.embed.text):
         raise ConfigError("embed.image and embed.text are both false: nothing to embed")
+    if cfg.embed.decode == "device":
+        from pipeline.devicedecode import check_config
+
+        check_config(cfg)  # a family without open_clip's preprocess config exits 2 before any work
     _, out_root = fsspec.core.url_to_fs(cfg.output.rstrip("/"))
     # An output folder inside the input folder must not feed its own files back in as shards.
     urls = [u for u in expand_input(cfg.input) if not fsspec.core.url_to_fs(u)[1].startswith(out_root + "/")]

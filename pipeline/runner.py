@@ -88,6 +88,11 @@ def _draft_size(model: EmbeddingModel, cfg: EmbedConfig) -> int | None:
 def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt: int = 0) -> dict[str, Any]:
     """Embed one shard and commit its files; returns the stats written as its commit marker."""
     started = time.time()
+    device_decoder = None
+    if cfg.decode == "device":
+        from pipeline.devicedecode import DeviceDecoder
+
+        device_decoder = DeviceDecoder(model)
     decoder = BatchDecoder(
         model.preprocess,
         model.tokenize if cfg.text else None,
@@ -95,11 +100,13 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         tuple(cfg.background),  # type: ignore[arg-type]
         embed_image=cfg.image,
         draft_size=_draft_size(model, cfg),
+        device=device_decoder,
     )
     writer = ShardWriter(task.output, task.shard_id, model.dim, cfg.output_dtype, cfg.write_parquet)
     timings: dict[str, float] = collections.defaultdict(float)
     status_counts = collections.Counter[str]()
     caption_counts = collections.Counter[str]()
+    counts = collections.Counter[str]()
     read_error = None
     samples = threaded(iter_samples(task, cfg.image_keys, cfg.caption_keys), 4 * cfg.batch_size, cfg.read_timeout_s)
     pending: collections.deque[Future[DecodedBatch]] = collections.deque()
@@ -110,6 +117,7 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         decoded = fut.result()
         timings["wait_decode"] += time.perf_counter() - t0
         timings["decode"] += decoded.decode_seconds
+        counts["device_decoded"] += decoded.device_decoded
         t0 = time.perf_counter()
         emb = embed_batch(model, decoded, cfg.image, cfg.text)
         timings["model"] += time.perf_counter() - t0
@@ -155,10 +163,16 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         "dim": model.dim,
         "members_sha256": task.members_digest(),
     }
+    if device_decoder is not None:
+        stats["device_decoded"] = counts["device_decoded"]  # the other ok images took the CPU (Pillow) path
     return writer.close(stats, skip_if_committed=not cfg.overwrite)
 
 
 def embed_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
     """The importable worker function every distributor calls for one embed task."""
+    if cfg.embed.decode == "device":
+        from pipeline.devicedecode import check_config
+
+        check_config(cfg)
     model = get_model(cfg)
     return run_shard(task, model, cfg.embed, attempt)

@@ -508,6 +508,10 @@ BAD_ARGS = {
     "input set to null": (["input=null"], "input="),
     "nothing to embed": (["embed.image=false", "embed.text=false"], "nothing to embed"),
     "checkpoint missing": (["model.checkpoint={tmp}/nope.pt"], "model.checkpoint"),
+    "device decode for a family without open_clip preprocessing": (
+        ["model=offline", "embed.decode=device"],
+        "embed.decode=device needs model.family=open_clip",
+    ),
 }
 
 

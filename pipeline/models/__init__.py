@@ -35,7 +35,7 @@ class EmbeddingModel(ABC):
 
     @abstractmethod
     def encode_image(self, pixels: "torch.Tensor") -> "torch.Tensor":
-        """Batch of preprocessed images -> L2-normalized float32 embeddings on the CPU."""
+        """Batch of preprocessed images (on the CPU, or already on `device`) -> L2-normalized float32 CPU embeddings."""
 
     @abstractmethod
     def encode_text(self, tokens: Any) -> "torch.Tensor":

@@ -131,6 +131,8 @@ class OpenClipModel(EmbeddingModel):
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # embed.decode=device: already preprocessed on the model's device
+            return x.to(self.device)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True)
         return x
