@@ -79,6 +79,9 @@ def _worker_main(
     from pipeline.logs import setup_worker_logging
 
     cfg = Config.model_validate_json(cfg_json)
+    if gpu is not None and cfg.model.device != "cpu":
+        # This process sees only its GPU, as cuda:0; an explicit cuda:N from the config would name another one.
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": "cuda"})})
     setup_worker_logging(cfg.log_level)
     fn = resolve_worker(worker)
     if "torch" in sys.modules:

@@ -29,6 +29,20 @@ def echo(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
     return {"shard": task.shard_id, "attempt": attempt, "pid": os.getpid(), "samples": 1}
 
 
+def report_placement(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    """Where the pool put this worker: its visible GPU, the model device it was given, its torch threads."""
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device": cfg.model.device,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "samples": 1,
+    }
+
+
 def crash_first_attempt(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
     """Shard 00001 kills its process on the first attempt (os._exit, as a segfault or OOM kill would)."""
     if task.shard_id == "00001" and _count(task) == 0:

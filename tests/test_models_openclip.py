@@ -269,7 +269,9 @@ def test_self_attention_boolean_mask_and_refusals() -> None:
     x = torch.randn(2, 5, 16)
     causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # True = masked, MHA convention
     with torch.inference_mode():
-        assert torch.allclose(sa(x, x, x, attn_mask=causal)[0], mha(x, x, x, need_weights=False, attn_mask=causal)[0], atol=1e-6)
+        assert torch.allclose(
+            sa(x, x, x, attn_mask=causal)[0], mha(x, x, x, need_weights=False, attn_mask=causal)[0], atol=1e-6
+        )
     with pytest.raises(ValueError, match="self-attention"):
         sa(x, x.clone(), x)
     with pytest.raises(ValueError, match="only plain self-attention"):
@@ -286,3 +288,29 @@ def test_int8_quantizes_attention_projections_too(tiny_model: dict[str, str]) ->
     assert isinstance(plain, OpenClipModel)
     # what quantize_dynamic alone reaches: the attention projections stay fp32
     assert quantized_fraction(quantize_int8(plain.model)) < 0.8
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_autocast_precisions_run_the_gpu_code_path_on_cpu(
+    precision: str, tiny: OpenClipModel, tiny_model: dict[str, str]
+) -> None:
+    """fp16 is the GPU option; torch's CPU autocast takes the same code path, so it is checked here for closeness."""
+    half = load_model(load_config([*overrides(tiny_model), "model.device=cpu", f"model.precision={precision}"]).model)
+    assert isinstance(half, OpenClipModel)
+    pixels = torch.stack([tiny.preprocess(im) for im in images(4)])
+    tokens = tiny.tokenize(CAPTIONS)
+    img, txt = half.encode_image(pixels), half.encode_text(tokens)
+    assert img.dtype == txt.dtype == torch.float32  # the writer always gets float32, unit-norm rows
+    assert torch.allclose(img.norm(dim=-1), torch.ones(len(img)), atol=1e-4)
+    assert F.cosine_similarity(img, tiny.encode_image(pixels)).min().item() >= 0.99
+    assert F.cosine_similarity(txt, tiny.encode_text(tokens)).min().item() >= 0.99
+
+
+def test_int8_is_refused_on_a_gpu_before_loading(tiny_model: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any weights move (here a load onto the missing GPU would fail with a driver error instead)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    import pipeline.models.openclip as oc
+
+    monkeypatch.setattr(oc, "resolve_device", lambda device: torch.device("cuda"))
+    with pytest.raises(ModelLoadError, match="int8 is a CPU option"):
+        load_model(load_config([*overrides(tiny_model), "model.device=cuda", "model.precision=int8"]).model)

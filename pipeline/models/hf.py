@@ -112,6 +112,8 @@ class HFDualEncoder(EmbeddingModel):
     def __init__(self, cfg: "ModelConfig") -> None:
         root = model_dir(cfg)
         self.device = resolve_device(cfg.device)
+        if cfg.precision == "int8" and self.device.type != "cpu":
+            raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the folder; never ask the hub
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -132,8 +134,6 @@ class HFDualEncoder(EmbeddingModel):
             raise ModelLoadError(f"model.path={root}: {type(model).__name__} is not an image-text dual encoder")
         model.eval().to(self.device)
         if cfg.precision == "int8":
-            if self.device.type != "cpu":
-                raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
             model = quantize_int8(model)
         self.model = model
         self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)

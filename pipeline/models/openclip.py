@@ -67,6 +67,8 @@ class OpenClipModel(EmbeddingModel):
         register_config_file(cfg)
         _check_arch(cfg)
         self.device = resolve_device(cfg.device)
+        if cfg.precision == "int8" and self.device.type != "cpu":
+            raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
         weights = _weights_spec(cfg)
         if cfg.checkpoint and not Path(cfg.checkpoint).expanduser().is_file():
             raise ModelLoadError(f"model.checkpoint={cfg.checkpoint}: no such file")
@@ -84,8 +86,6 @@ class OpenClipModel(EmbeddingModel):
             raise ModelLoadError(f"loading open_clip {cfg.arch} / {weights}: {type(e).__name__}: {e}\n{HINT}") from e
         model.eval()
         if cfg.precision == "int8":
-            if self.device.type != "cpu":
-                raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
             swapped = linearize_self_attention(model)
             model = quantize_int8(model)
             log.info(
