@@ -13,22 +13,21 @@ your own labelled pairs with `calibrate()` before trusting 0.95 for another mode
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
-import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
+from pipeline import materialize as mat
 from pipeline import neighbors as nb
+from pipeline import semdedup
 from pipeline.batch import OK
 from pipeline.config import Config, ConfigError, DedupConfig, require
 from pipeline.logs import timed
-from pipeline.writer import committed_shards, read_manifest, shard_files
+from pipeline.vectors import Embeddings
+from pipeline.workdir import work_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,87 +60,6 @@ def choose_mode(mode: str, n: int, d: int, budget: int, gpus: int = 0) -> str:
     if n * d * 4 <= budget and float(n) * n * d <= EXACT_MAX_WORK["gpu" if gpus else "cpu"]:
         return "exact"
     return "ivf" if gpus and n * d * 4 <= budget else "semdedup"
-
-
-class ShardVectors:
-    """A VectorSet over the ok rows of an embed output's img_emb shards, memory-mapped (remote files are copied to
-    a local work folder first), so only the blocks being searched are in memory."""
-
-    def __init__(self, folder: str, shard_ids: list[str], ok_masks: list[np.ndarray], dim: int, workdir: str):
-        self.fs, _ = fsspec.core.url_to_fs(folder)
-        self.paths = [shard_files(folder, s).img_emb for s in shard_ids]
-        self.rows = [np.flatnonzero(m) for m in ok_masks]
-        self.expected = [len(m) for m in ok_masks]
-        self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in self.rows])]).astype(np.int64)
-        self.n, self.d = int(self.offsets[-1]), dim
-        self.workdir = workdir
-        self._local: dict[int, str] = {}
-
-    def _array(self, i: int) -> np.ndarray:
-        """Shard i memory-mapped; callers drop it when done, so mapped pages never accumulate."""
-        if i not in self._local:
-            path = self.paths[i]
-            if "file" not in self.fs.protocol:
-                local = os.path.join(self.workdir, f"emb_{i}.npy")
-                self.fs.get(path, local)
-                path = local
-            self._local[i] = fsspec.core.strip_protocol(path)
-        arr = np.load(self._local[i], mmap_mode="r")
-        if arr.shape != (self.expected[i], self.d):
-            raise RuntimeError(f"{self.paths[i]}: shape {arr.shape}, metadata says ({self.expected[i]}, {self.d})")
-        return arr  # type: ignore[no-any-return]
-
-    def array_shape(self, i: int) -> tuple[int, ...]:
-        with fsspec.open(self.paths[i], "rb") as f:
-            fmt = np.lib.format
-            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-            return read(f)[0]  # type: ignore[no-any-return]
-
-    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        for i, local in enumerate(self.rows):
-            if len(local):
-                arr = self._array(i)
-                for s in range(0, len(local), rows):
-                    yield int(self.offsets[i] + s), nb.normalize_rows(arr[local[s : s + rows]])
-                del arr
-
-    def gather(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        out = np.empty((len(ids), self.d), np.float32)
-        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
-        order = np.argsort(shard_of, kind="stable")
-        cuts = np.flatnonzero(np.diff(shard_of[order])) + 1
-        for sel in np.split(order, cuts) if len(ids) else []:
-            i = int(shard_of[sel[0]])
-            out[sel] = self._array(i)[self.rows[i][ids[sel] - self.offsets[i]]]
-        return nb.normalize_rows(out)
-
-
-class Embeddings:
-    """An embed output opened for dedup: row metadata (one row per sample, (shard, index) order) and its vectors."""
-
-    def __init__(self, folder: str, columns: list[str], workdir: str):
-        self.folder = folder.rstrip("/")
-        self.shards = committed_shards(self.folder)
-        if not self.shards:
-            raise ConfigError(f"input: {folder} holds no committed embed shards (is it an embed output folder?)")
-        self.manifest = read_manifest(self.folder) or {}
-        tables = []
-        for s in self.shards:
-            with fsspec.open(shard_files(self.folder, s).metadata, "rb") as f:
-                tables.append(pq.read_table(f, columns=["key", "shard", "index", "status", *columns]).to_pandas())
-        self.rows = pd.concat(tables, ignore_index=True)
-        self.rows["shard"] = pd.Categorical(self.rows["shard"], categories=self.shards)
-        ok = (self.rows["status"] == OK).to_numpy()
-        sizes = [len(t) for t in tables]
-        masks = np.split(ok, np.cumsum(sizes)[:-1])
-        self.vectors = ShardVectors(self.folder, self.shards, masks, int(self.manifest.get("dim") or 0), workdir)
-        if not self.vectors.d:  # manifest without dim (older outputs): read it off the first shard
-            self.vectors.d = int(self.vectors.array_shape(0)[1])
-        self.row_of = np.flatnonzero(ok)  # vector id -> row
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
 
 def exact_pairs(sha256: pd.Series, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +211,7 @@ def near_search(vs: nb.VectorSet, dc: DedupConfig, budget: int, workdir: str) ->
     if mode == "ivf":
         result = nb.search_ivf(vs, dc.threshold, dc.k, nb.sample_truth(vs, dc.threshold, RECALL_SAMPLE, seed=0))
     else:
-        result = nb.search_semdedup(vs, dc.threshold, dc.semdedup_clusters, workdir)
+        result = semdedup.search_semdedup(vs, dc.threshold, dc.semdedup_clusters, workdir)
     # brute force on a sample of its own, so the estimate is not the one the tuning was chosen on
     result.params.update(nb.recall_report(result.pairs, nb.sample_truth(vs, dc.threshold, RECALL_SAMPLE, seed=1), vs.n))
     return result
@@ -345,27 +263,52 @@ def plan(cfg: Config) -> tuple[str, str, int]:
     return folder, (cfg.output or posixpath.join(folder, "dedup")).rstrip("/"), budget
 
 
-def _open_reference(dc: DedupConfig, emb: Embeddings, workdir: str) -> Embeddings:
+def _open_reference(dc: DedupConfig, emb: Embeddings, workdir: str, read_timeout_s: float) -> Embeddings:
     assert dc.reference is not None
-    ref = Embeddings(dc.reference, [], workdir)
+    ref = Embeddings(dc.reference, [], workdir, read_timeout_s)
     mine, theirs = emb.manifest.get("model"), ref.manifest.get("model")
     if mine != theirs or emb.vectors.d != ref.vectors.d:
         raise ConfigError(f"dedup.reference: {dc.reference} was embedded with another model ({theirs} vs {mine})")
     return ref
 
 
-def dedup(cfg: Config) -> dict[str, Any]:
-    """Run the dedup stage on an embed output; writes OUTPUT/{duplicates,keep,drop}.parquet, summary.json and
-    similarity_hist.png (plus filtered shards and urls.parquet with dedup.materialize) and returns the summary."""
-    from pipeline import materialize as mat
+def write_outputs(
+    emb: Embeddings,
+    tables: dict[str, pd.DataFrame],
+    matches: pd.DataFrame | None,
+    found: nb.SearchResult,
+    dc: DedupConfig,
+    output: str,
+) -> dict[str, Any] | None:
+    """Every output but summary.json, each file by temporary name and rename; the earlier run's summary.json (the
+    commit marker) is removed first. Returns what materialize wrote, if it ran."""
+    mat.uncommit(output)
+    for name in ("duplicates", "keep", "drop"):
+        mat.put_table(tables[name], posixpath.join(output, f"{name}.parquet"), mat.SCHEMAS[name])
+    if matches is not None:
+        rows = emb.rows.iloc[matches["row"].to_numpy(np.int64)]
+        matches = matches.drop(columns="row").assign(
+            key=rows["key"].to_numpy(object), shard=rows["shard"].astype(str).to_numpy(object)
+        )
+        mat.put_table(matches, posixpath.join(output, "reference_matches.parquet"), mat.SCHEMAS["reference_matches"])
+    mat.write_histogram(found.nn_sim, dc.threshold, posixpath.join(output, "similarity_hist.png"), found.method)
+    if not dc.materialize:
+        return None
+    return mat.materialize(emb.folder, emb.shards, dc.shards, output, tables["keep"])
 
+
+def dedup(cfg: Config) -> dict[str, Any]:
+    """Run the dedup stage on an embed output; writes OUTPUT/{duplicates,keep,drop}.parquet, similarity_hist.png
+    (plus filtered shards and urls.parquet with dedup.materialize) and summary.json last, the commit marker: the
+    other files are this run's only when it exists. Returns the summary."""
     folder, output, budget = plan(cfg)
     dc = cfg.dedup
     columns = ["sha256", "clip_score"] + {"largest": ["width", "height"], "shortest_url": ["url"]}.get(dc.keep, [])
     t0, timings = time.perf_counter(), {}
-    with tempfile.TemporaryDirectory(prefix="clipline-dedup-") as workdir:
-        emb = Embeddings(folder, columns, workdir)
-        ref = _open_reference(dc, emb, workdir) if dc.reference else None
+    timeout = cfg.embed.read_timeout_s  # the embed stage's stall bound, reused for reading its output
+    with work_folder("dedup") as workdir:
+        emb = Embeddings(folder, columns, workdir, timeout)
+        ref = _open_reference(dc, emb, workdir, timeout) if dc.reference else None
         vs = emb.vectors
         log.info("dedup: %d samples, %d embedded, dim %d, threshold %.3f", len(emb), vs.n, vs.d, dc.threshold)
         with timed("near-duplicate search", log) as tm:
@@ -383,25 +326,12 @@ def dedup(cfg: Config) -> dict[str, Any]:
             near_ref[matches["row"].to_numpy(np.int64)] = True
         tables = decide(emb, np.concatenate([a, ea]), np.concatenate([b, eb]), dc, near_ref)
         with timed("write outputs", log) as tm:
-            for name in ("duplicates", "keep", "drop"):
-                mat.put_table(tables[name], posixpath.join(output, f"{name}.parquet"), mat.SCHEMAS[name])
-            if matches is not None:
-                rows = emb.rows.iloc[matches["row"].to_numpy(np.int64)]
-                matches = matches.drop(columns="row").assign(
-                    key=rows["key"].to_numpy(object), shard=rows["shard"].astype(str).to_numpy(object)
-                )
-                mat.put_table(
-                    matches, posixpath.join(output, "reference_matches.parquet"), mat.SCHEMAS["reference_matches"]
-                )
-            mat.write_histogram(found.nn_sim, dc.threshold, posixpath.join(output, "similarity_hist.png"), found.method)
-            materialized = (
-                mat.materialize(emb.folder, emb.shards, dc.shards, output, tables["keep"]) if dc.materialize else None
-            )
+            materialized = write_outputs(emb, tables, matches, found, dc, output)
         timings["write"] = tm["seconds"]
     summary = build_summary(emb, found, tables, dc, len(ea), materialized, output)
     summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     summary["time_split_seconds"] = {k: round(v, 2) for k, v in timings.items()}
-    mat.put_json(summary, posixpath.join(output, "summary.json"))
+    mat.put_json(summary, posixpath.join(output, mat.SUMMARY))
     return summary
 
 

@@ -1,8 +1,12 @@
 """Writing dedup results: keep/drop tables, summary and histogram (each under a temporary name, then renamed), and
-the deduplicated dataset itself: filtered WebDataset shards streamed member by member, and a URL list."""
+the deduplicated dataset itself: filtered WebDataset shards streamed member by member, and a URL list.
+
+OUTPUT/summary.json, written last, is the commit marker of a dedup output: `uncommit` removes it (and temporary files
+of killed runs) before a run replaces any file, so the other files are one run's whenever it exists."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -20,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError
 from pipeline.shards import expand_input, shard_id_from_name
-from pipeline.writer import TMP_MARK, put_bytes, shard_files
+from pipeline.writer import TMP_MARK, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,44 @@ SCHEMAS = {
 }
 
 
+SUMMARY = "summary.json"
+
+
 def _tmp_name(final: str) -> str:
     return f"{final}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def _discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
+    """Remove a temporary file after a failed write; a storage that fails again must not hide the first error."""
+    with contextlib.suppress(OSError):
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def _put_bytes(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
+    """Write under a temporary name, then rename; the temporary file is removed when either step fails."""
+    fs.makedirs(posixpath.dirname(final), exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, final)
+    except BaseException:
+        _discard(fs, tmp)
+        raise
+
+
+def uncommit(output: str) -> None:
+    """Before a run writes: drop the earlier run's summary.json and temporary files that killed runs left."""
+    fs, root = fsspec.core.url_to_fs(output)
+    for folder in (root, posixpath.join(root, "shards")):
+        if fs.isdir(folder):
+            for p in fs.ls(folder, detail=False):
+                if TMP_MARK in posixpath.basename(p):
+                    fs.rm(p, recursive=True)
+    summary = posixpath.join(root, SUMMARY)
+    if fs.exists(summary):
+        fs.rm(summary)
 
 
 def put_table(df: pd.DataFrame, path: str, schema: pa.Schema | None = None) -> None:
@@ -61,12 +101,12 @@ def put_table(df: pd.DataFrame, path: str, schema: pa.Schema | None = None) -> N
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), buf)
     fs, p = fsspec.core.url_to_fs(path)
-    put_bytes(fs, p, buf.getvalue())
+    _put_bytes(fs, p, buf.getvalue())
 
 
 def put_json(obj: dict[str, Any], path: str) -> None:
     fs, p = fsspec.core.url_to_fs(path)
-    put_bytes(fs, p, json.dumps(obj, indent=1, default=str).encode())
+    _put_bytes(fs, p, json.dumps(obj, indent=1, default=str).encode())
 
 
 def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str) -> None:
@@ -90,7 +130,7 @@ def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     fs, p = fsspec.core.url_to_fs(path)
-    put_bytes(fs, p, buf.getvalue())
+    _put_bytes(fs, p, buf.getvalue())
 
 
 # webdataset's base_plus_ext rule (what the embed reader uses), restated: importing webdataset loads torch (~0.5 GB).
@@ -121,9 +161,9 @@ def filter_tar(src: str, dst: str, keep: set[str]) -> dict[str, int]:
                     kept.add(key)
                     tout.addfile(member, tin.extractfile(member))
         fs.mv(tmp, dpath)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+    except BaseException:
+        _discard(fs, tmp)
+        raise
     return {"samples_kept": len(kept), "samples_removed": len(dropped - {None})}
 
 
@@ -142,15 +182,19 @@ def write_urls(folder: str, shard_ids: list[str], keep: pd.DataFrame, path: str)
     kept_by_shard = keep.groupby("shard")["key"].agg(set).to_dict()
     schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string())])
     rows = 0
-    with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as w:
-        for sid in shard_ids:
-            with fsspec.open(shard_files(folder, sid).metadata, "rb") as mf:
-                t = pq.read_table(mf, columns=["key", "url", "caption"])
-            mask = pa.array(np.isin(t["key"].to_numpy(zero_copy_only=False), list(kept_by_shard.get(sid, ()))))
-            t = t.filter(mask).cast(schema)
-            rows += t.num_rows
-            w.write_table(t)
-    fs.mv(tmp, final)
+    try:
+        with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as w:
+            for sid in shard_ids:
+                with fsspec.open(shard_files(folder, sid).metadata, "rb") as mf:
+                    t = pq.read_table(mf, columns=["key", "url", "caption"])
+                mask = pa.array(np.isin(t["key"].to_numpy(zero_copy_only=False), list(kept_by_shard.get(sid, ()))))
+                t = t.filter(mask).cast(schema)
+                rows += t.num_rows
+                w.write_table(t)
+        fs.mv(tmp, final)
+    except BaseException:
+        _discard(fs, tmp)
+        raise
     return rows
 
 

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError, ModelConfig, require
-from pipeline.index import index_files, is_local, read_index, read_info
+from pipeline.index_store import index_files, is_local, read_index, read_info
 from pipeline.writer import read_manifest, shard_files
 
 if TYPE_CHECKING:

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.index import build, read_index
+from pipeline.index import build
 from pipeline.index_quality import measure
+from pipeline.index_store import read_index
 from pipeline.search import Searcher
 from pipeline.summary import JobFailed
 from tests.helpers import random_unit, write_fake_embed_output

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import neighbors as nb
+from pipeline import semdedup as sd
 from tests.helpers import random_unit
 
 THRESHOLD = 0.95
@@ -74,7 +75,7 @@ def test_recall_and_precision_against_brute_force(data: dict) -> None:
     results = {
         "exact": nb.search_exact(vs, THRESHOLD, k=16),
         "ivf": nb.search_ivf(vs, THRESHOLD, k=16, truth=nb.sample_truth(vs, THRESHOLD)),
-        "semdedup": nb.search_semdedup(vs, THRESHOLD),
+        "semdedup": sd.search_semdedup(vs, THRESHOLD),
     }
     for method, r in results.items():
         recall = nb.pair_recall(r.pairs, truth, n)
@@ -116,8 +117,8 @@ def test_ivf_tunes_nprobe_up_to_target() -> None:
 def test_semdedup_on_disk_matches_in_memory(tmp_path) -> None:
     x, _, _ = planted(4000, 64, groups=200, distractors=50, seed=4)
     vs = nb.ArrayVectors(x)
-    mem = nb.search_semdedup(vs, THRESHOLD, n_clusters=20)
-    disk = nb.search_semdedup(vs, THRESHOLD, n_clusters=20, workdir=str(tmp_path))
+    mem = sd.search_semdedup(vs, THRESHOLD, n_clusters=20)
+    disk = sd.search_semdedup(vs, THRESHOLD, n_clusters=20, workdir=str(tmp_path))
     assert np.array_equal(mem.pairs.keys(len(x)), disk.pairs.keys(len(x)))
     assert disk.params["clusters"] == 20 and disk.params["tuning_pairs"] > 200 and len(disk.pairs) > 200
 
@@ -126,9 +127,9 @@ def test_spill_is_tuned_on_the_sample() -> None:
     # labels: vector -> its 3 nearest clusters; true pairs (0,1) meet at once, (2,3) only with spill 2, (4,5) with 3
     labels = np.array([[0, 1, 2], [0, 2, 1], [1, 2, 0], [2, 1, 0], [3, 4, 5], [5, 0, 3]])
     truth = nb.Truth(np.arange(6), nb.Pairs(np.array([0, 2, 4]), np.array([1, 3, 5]), np.ones(3, np.float32)))
-    assert nb.tune_spill(labels, truth, target=0.6) == (2, pytest.approx(2 / 3))
-    assert nb.tune_spill(labels, truth, target=0.99) == (3, 1.0)
-    assert nb.tune_spill(labels, nb.Truth(np.arange(6), nb.Pairs()), 0.99) == (nb.DEFAULT_SPILL, None)
+    assert sd.tune_spill(labels, truth, target=0.6) == (2, pytest.approx(2 / 3))
+    assert sd.tune_spill(labels, truth, target=0.99) == (3, 1.0)
+    assert sd.tune_spill(labels, nb.Truth(np.arange(6), nb.Pairs()), 0.99) == (sd.DEFAULT_SPILL, None)
 
 
 def test_cluster_pairs_blocked_equals_brute_force() -> None:
@@ -136,7 +137,7 @@ def test_cluster_pairs_blocked_equals_brute_force() -> None:
     x[100:110] = x[0] + 0.01 * random_unit(10, 16, seed=6)
     ids = np.arange(1000, 1300)
     x = nb.normalize_rows(x)
-    pairs, nn = nb.cluster_pairs(ids, x.astype(np.float16), 0.9, max_cells=300 * 7)  # forces 7-row blocks
+    pairs, nn = sd.cluster_pairs(ids, x.astype(np.float16), 0.9, max_cells=300 * 7)  # forces 7-row blocks
     sims = x.astype(np.float16).astype(np.float32) @ x.astype(np.float16).astype(np.float32).T
     np.fill_diagonal(sims, -np.inf)
     r, c = np.nonzero(np.triu(sims >= 0.9, 1))
@@ -148,7 +149,7 @@ def test_cluster_pairs_compares_guests_with_members_only() -> None:
     x = random_unit(6, 16, seed=8)
     x[3] = x[0]  # member-guest copy: found
     x[5] = x[4]  # guest-guest copy: left to the guests' own clusters
-    pairs, nn = nb.cluster_pairs(np.arange(10, 16), x, 0.95, members=3)
+    pairs, nn = sd.cluster_pairs(np.arange(10, 16), x, 0.95, members=3)
     assert list(zip(pairs.a.tolist(), pairs.b.tolist())) == [(10, 13)]
     assert nn[0] == pytest.approx(1.0) and nn[3] == pytest.approx(1.0) and nn[4] < 0.95
 

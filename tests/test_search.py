@@ -20,6 +20,8 @@ from tests.helpers import jpeg_bytes, random_unit, write_fake_embed_output
 CAPTION = "a red bicycle leaning on a wall"
 TEXT_KEY, IMAGE_KEY = "000010007", "000000012"
 
+pytestmark = pytest.mark.slow  # every test queries one built index (tiny model + autofaiss build, ~15 s)
+
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, str]) -> Path:
