@@ -142,6 +142,9 @@ class IndexConfig(_Section):
     rebuild: bool = Field(False, description="Rebuild from scratch even if an index exists.")
     distributed: bool = Field(False, description="Use autofaiss's pyspark mode (distributor=spark).")
     nb_cores: int | None = Field(None, description="faiss threads; None = all cores.")
+    read_timeout_s: float = Field(
+        300.0, gt=0, description="A read of one embed output file that stalls longer than this fails the stage."
+    )
 
 
 class DedupConfig(_Section):
@@ -158,6 +161,9 @@ class DedupConfig(_Section):
     memory_budget: str = Field("4G", description="Memory for the similarity search.")
     semdedup_clusters: int = Field(0, ge=0, description="k-means clusters for SemDeDup; 0 = sqrt(n).")
     exact: bool = Field(True, description="Also group identical image bytes (sha256).")
+    read_timeout_s: float = Field(
+        300.0, gt=0, description="A read of one embed output file that stalls longer than this fails the stage."
+    )
     min_clip_score: float | None = Field(None, description="Also drop samples under this image-caption similarity.")
     materialize: bool = Field(False, description="Write the deduplicated WebDataset shards and URL parquet.")
     shards: str | None = Field(None, description="Input WebDataset shards to materialize from.")

@@ -26,7 +26,7 @@ from pipeline import semdedup
 from pipeline.batch import OK
 from pipeline.config import Config, ConfigError, DedupConfig, require
 from pipeline.logs import timed
-from pipeline.vectors import Embeddings
+from pipeline.vectors import Embeddings, naming_timeout
 from pipeline.workdir import work_folder
 
 log = logging.getLogger(__name__)
@@ -305,8 +305,8 @@ def dedup(cfg: Config) -> dict[str, Any]:
     dc = cfg.dedup
     columns = ["sha256", "clip_score"] + {"largest": ["width", "height"], "shortest_url": ["url"]}.get(dc.keep, [])
     t0, timings = time.perf_counter(), {}
-    timeout = cfg.embed.read_timeout_s  # the embed stage's stall bound, reused for reading its output
-    with work_folder("dedup") as workdir:
+    timeout = dc.read_timeout_s
+    with work_folder("dedup") as workdir, naming_timeout("dedup.read_timeout_s"):
         emb = Embeddings(folder, columns, workdir, timeout)
         ref = _open_reference(dc, emb, workdir, timeout) if dc.reference else None
         vs = emb.vectors

@@ -19,7 +19,7 @@ import logging
 import posixpath
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import faiss
 import fsspec
@@ -28,10 +28,10 @@ import pandas as pd
 
 from pipeline.config import Config, ConfigError, require
 from pipeline.index_autofaiss import pyspark_session, restore_threads, run_autofaiss
-from pipeline.index_quality import measure, read_shard, sample_vectors
+from pipeline.index_quality import iter_vectors, measure, read_shard, sample_vectors
 from pipeline.index_store import absolute, commit, index_files, read_index, read_info, recover
 from pipeline.summary import JobFailed
-from pipeline.vectors import within
+from pipeline.vectors import naming_timeout, within
 from pipeline.workdir import tempfiles_in, work_folder
 from pipeline.writer import committed_shards, read_manifest
 
@@ -41,8 +41,7 @@ INDEX_FORMAT_VERSION = 1
 
 
 def _read(embed_dir: str, shard_id: str, modality: str, timeout_s: float) -> tuple[np.ndarray, pd.DataFrame]:
-    """read_shard bounded by the read timeout (embed.read_timeout_s, the embed stage's stall bound, reused for
-    reading its output), so a stalled read fails the stage instead of hanging it."""
+    """read_shard bounded by index.read_timeout_s, so a stalled read fails the stage instead of hanging it."""
     what = f"shard {shard_id} ({modality}) of {embed_dir}"
     return within(timeout_s, what, functools.partial(read_shard, embed_dir, shard_id, modality))
 
@@ -78,7 +77,7 @@ def _build_new(
     try:
         tables, n, dim = [], 0, 0
         for ordinal, sid in enumerate(shards):
-            x, t = _read(embed_dir, sid, modality, cfg.embed.read_timeout_s)
+            x, t = _read(embed_dir, sid, modality, cfg.index.read_timeout_s)
             t.insert(0, "id", np.arange(n, n + len(t), dtype=np.int64))
             tables.append(t)
             if len(x):
@@ -157,7 +156,7 @@ def _index_modality(
             return _summary(info, "up to date", 0, time.perf_counter() - t0)
         log.info("appending %d new shards to the %s index", len(new), modality)
         try:
-            index, ids = _append(embed_dir, output, modality, info, new, cfg.embed.read_timeout_s)
+            index, ids = _append(embed_dir, output, modality, info, new, cfg.index.read_timeout_s)
         except InterruptedCommit as e:
             # A killed commit left a mix of old and new files: the only safe resume is a rebuild.
             log.warning("%s; rebuilding the %s index", e, modality)
@@ -199,19 +198,14 @@ def _index_modality(
 def _quality(
     cfg: Config, embed_dir: str, index: faiss.Index, modality: str, shards: list[str], manifest: dict[str, Any]
 ) -> dict[str, Any]:
-    timeout_s, n = cfg.embed.read_timeout_s, cfg.index.recall_queries
+    timeout_s, n = cfg.index.read_timeout_s, cfg.index.recall_queries
 
-    def blocks() -> Iterator[np.ndarray]:
-        return (_read(embed_dir, sid, modality, timeout_s)[0] for sid in shards)
+    def read(embed_dir: str, shard_id: str, modality: str) -> tuple[np.ndarray, pd.DataFrame]:
+        return _read(embed_dir, shard_id, modality, timeout_s)
 
     other = "text" if modality == "image" else "image"
-    cross = None
-    if manifest.get(other, True):
-        # sample_vectors reads shard after shard (all of them, in the worst case) with no hook for a bound on each
-        # read: the bound is the per-read timeout times the shards it may read
-        sample = functools.partial(sample_vectors, embed_dir, shards, other, n)
-        cross = within(timeout_s * len(shards), f"the {other} query sample of {embed_dir}", sample)
-    return measure(index, blocks, n, cross)
+    cross = sample_vectors(embed_dir, shards, other, n, read=read) if manifest.get(other, True) else None
+    return measure(index, lambda: iter_vectors(embed_dir, shards, modality, read), n, cross)
 
 
 def _summary(info: dict[str, Any], action: str, added: int, seconds: float) -> dict[str, Any]:
@@ -252,7 +246,7 @@ def build(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"output": output, "shards": len(shards)}
     threads = faiss.omp_get_max_threads()
-    with pyspark_session(cfg), restore_threads(threads):
+    with pyspark_session(cfg), restore_threads(threads), naming_timeout("index.read_timeout_s"):
         recover(output)
         faiss.omp_set_num_threads(cfg.index.nb_cores or threads)
         for m in modalities:

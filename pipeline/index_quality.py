@@ -32,6 +32,9 @@ def keep_mask(meta: pd.DataFrame, modality: str) -> np.ndarray:
     return ((meta["caption_status"] != "missing") & (meta["status"] != "read_error")).to_numpy()
 
 
+ShardReader = Callable[[str, str, str], tuple[np.ndarray, pd.DataFrame]]
+
+
 def read_shard(embed_dir: str, shard_id: str, modality: str) -> tuple[np.ndarray, pd.DataFrame]:
     """One shard's indexable vectors (stored dtype) and their mapping rows (shard, row, key, caption, url)."""
     files = shard_files(embed_dir, shard_id)
@@ -65,19 +68,23 @@ def read_shard(embed_dir: str, shard_id: str, modality: str) -> tuple[np.ndarray
     return emb[rows], table
 
 
-def iter_vectors(embed_dir: str, shards: list[str], modality: str) -> Iterator[np.ndarray]:
-    """Indexable vectors shard by shard, in id order."""
+def iter_vectors(
+    embed_dir: str, shards: list[str], modality: str, read: ShardReader = read_shard
+) -> Iterator[np.ndarray]:
+    """Indexable vectors shard by shard, in id order (`read`: read_shard, or a version of it bounded in time)."""
     for sid in shards:
-        yield read_shard(embed_dir, sid, modality)[0]
+        yield read(embed_dir, sid, modality)[0]
 
 
-def sample_vectors(embed_dir: str, shards: list[str], modality: str, n: int, seed: int = 1) -> np.ndarray:
+def sample_vectors(
+    embed_dir: str, shards: list[str], modality: str, n: int, seed: int = 1, read: ShardReader = read_shard
+) -> np.ndarray:
     """About n random indexable vectors, taken evenly across shards (queries for the cross-modal check)."""
     rng = np.random.default_rng(seed)
     quota = -(-n // max(len(shards), 1))
     out: list[np.ndarray] = []
     for sid in rng.permutation(shards):
-        x = read_shard(embed_dir, str(sid), modality)[0]
+        x = read(embed_dir, str(sid), modality)[0]
         take = rng.choice(len(x), size=min(quota, len(x), n - sum(map(len, out))), replace=False)
         out.append(np.asarray(x[np.sort(take)], dtype=np.float32))
         if sum(map(len, out)) >= n:

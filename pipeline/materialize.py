@@ -6,14 +6,12 @@ of killed runs) before a run replaces any file, so the other files are one run's
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import posixpath
 import re
 import tarfile
-import uuid
 from typing import Any
 
 import fsspec
@@ -24,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError
 from pipeline.shards import expand_input, shard_id_from_name
-from pipeline.writer import TMP_MARK, shard_files
+from pipeline.writer import TMP_MARK, discard, put_bytes, shard_files, tmp_name
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +57,6 @@ SCHEMAS = {
 SUMMARY = "summary.json"
 
 
-def _tmp_name(final: str) -> str:
-    return f"{final}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-
-
-def _discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
-    """Remove a temporary file after a failed write; a storage that fails again must not hide the first error."""
-    with contextlib.suppress(OSError):
-        if fs.exists(tmp):
-            fs.rm(tmp)
-
-
-def _put_bytes(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
-    """Write under a temporary name, then rename; the temporary file is removed when either step fails."""
-    fs.makedirs(posixpath.dirname(final), exist_ok=True)
-    tmp = _tmp_name(final)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, final)
-    except BaseException:
-        _discard(fs, tmp)
-        raise
-
-
 def uncommit(output: str) -> None:
     """Before a run writes: drop the earlier run's summary.json and temporary files that killed runs left."""
     fs, root = fsspec.core.url_to_fs(output)
@@ -101,12 +75,12 @@ def put_table(df: pd.DataFrame, path: str, schema: pa.Schema | None = None) -> N
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), buf)
     fs, p = fsspec.core.url_to_fs(path)
-    _put_bytes(fs, p, buf.getvalue())
+    put_bytes(fs, p, buf.getvalue())
 
 
 def put_json(obj: dict[str, Any], path: str) -> None:
     fs, p = fsspec.core.url_to_fs(path)
-    _put_bytes(fs, p, json.dumps(obj, indent=1, default=str).encode())
+    put_bytes(fs, p, json.dumps(obj, indent=1, default=str).encode())
 
 
 def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str) -> None:
@@ -130,7 +104,7 @@ def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     fs, p = fsspec.core.url_to_fs(path)
-    _put_bytes(fs, p, buf.getvalue())
+    put_bytes(fs, p, buf.getvalue())
 
 
 # webdataset's base_plus_ext rule (what the embed reader uses), restated: importing webdataset loads torch (~0.5 GB).
@@ -148,7 +122,7 @@ def filter_tar(src: str, dst: str, keep: set[str]) -> dict[str, int]:
     into place only when complete."""
     fs, dpath = fsspec.core.url_to_fs(dst)
     fs.makedirs(posixpath.dirname(dpath), exist_ok=True)
-    tmp = _tmp_name(dpath)
+    tmp = tmp_name(dpath)
     kept, dropped = set(), set()
     try:
         with fsspec.open(src, "rb") as fin, fs.open(tmp, "wb") as fout:
@@ -162,7 +136,7 @@ def filter_tar(src: str, dst: str, keep: set[str]) -> dict[str, int]:
                     tout.addfile(member, tin.extractfile(member))
         fs.mv(tmp, dpath)
     except BaseException:
-        _discard(fs, tmp)
+        discard(fs, tmp)
         raise
     return {"samples_kept": len(kept), "samples_removed": len(dropped - {None})}
 
@@ -178,7 +152,7 @@ def tar_shards(spec: str) -> dict[str, str]:
 def write_urls(folder: str, shard_ids: list[str], keep: pd.DataFrame, path: str) -> int:
     """urls.parquet: key, url, caption of the kept samples, streamed shard by shard from the embed metadata."""
     fs, final = fsspec.core.url_to_fs(path)
-    tmp = _tmp_name(final)
+    tmp = tmp_name(final)
     kept_by_shard = keep.groupby("shard")["key"].agg(set).to_dict()
     schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string())])
     rows = 0
@@ -193,7 +167,7 @@ def write_urls(folder: str, shard_ids: list[str], keep: pd.DataFrame, path: str)
                 w.write_table(t)
         fs.mv(tmp, final)
     except BaseException:
-        _discard(fs, tmp)
+        discard(fs, tmp)
         raise
     return rows
 

@@ -3,6 +3,7 @@ output (row metadata plus a memory-mapped `VectorSet` over the embedded rows).""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -26,6 +27,15 @@ class ReadStalled(JobFailed):
     """A read of the embed output gave nothing within the read timeout: the job fails instead of hanging."""
 
 
+@contextlib.contextmanager
+def naming_timeout(setting: str) -> Iterator[None]:
+    """Add the config key that bounds the reads to a ReadStalled raised inside, so the message says what to raise."""
+    try:
+        yield
+    except ReadStalled as e:
+        raise ReadStalled(f"{e} ({setting})", e.summary) from e
+
+
 def within(timeout_s: float | None, what: str, fn: Callable[[], T]) -> T:
     """fn() (one read) when it finishes within timeout_s; otherwise ReadStalled, and the read is abandoned.
 
@@ -46,7 +56,7 @@ def within(timeout_s: float | None, what: str, fn: Callable[[], T]) -> T:
     t.start()
     t.join(timeout_s)
     if not done:
-        raise ReadStalled(f"reading {what} stalled: nothing read within {timeout_s:g}s (embed.read_timeout_s)")
+        raise ReadStalled(f"reading {what} stalled: nothing read within {timeout_s:g}s")
     ok, value = done[0]
     if not ok:
         raise value

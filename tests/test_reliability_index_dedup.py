@@ -539,10 +539,10 @@ def test_index_stalled_read_is_cut_off_by_the_read_timeout(
 ) -> None:
     _to_memory(data["emb"], "faultymem://emb")
     out = tmp_path / "idx"
-    cfg = load_config([*_index_cfg_args("faultymem://emb", out, image_only=True)[1:], "embed.read_timeout_s=1"])
+    cfg = load_config([*_index_cfg_args("faultymem://emb", out, image_only=True)[1:], "index.read_timeout_s=1"])
     with faults(stall_read=stalled, stall_after=STALLS[stalled[:-6]]):
         t0 = time.monotonic()
-        with pytest.raises(JobFailed, match=rf"{stalled[-5:]}.*stalled.*1s.*embed\.read_timeout_s"):
+        with pytest.raises(JobFailed, match=rf"{stalled[-5:]}.*stalled.*1s.*index\.read_timeout_s"):
             build(cfg)
         assert time.monotonic() - t0 < 30
     assert faultyfs.calls["stall"] >= 1
@@ -556,10 +556,10 @@ def test_dedup_stalled_read_is_cut_off_by_the_read_timeout(
 ) -> None:
     _to_memory(data["emb"], "faultymem://emb")
     out = tmp_path / "dedup"
-    cfg = load_config(["input=faultymem://emb", f"output={out}", "embed.read_timeout_s=1", "log_level=WARNING"])
+    cfg = load_config(["input=faultymem://emb", f"output={out}", "dedup.read_timeout_s=1", "log_level=WARNING"])
     with faults(stall_read=stalled, stall_after=STALLS[stalled[:-6]]):
         t0 = time.monotonic()
-        with pytest.raises(JobFailed, match=rf"{stalled[-5:]}.*stalled.*1s.*embed\.read_timeout_s"):
+        with pytest.raises(JobFailed, match=rf"{stalled[-5:]}.*stalled.*1s.*dedup\.read_timeout_s"):
             dedup(cfg)
         assert time.monotonic() - t0 < 30
     assert faultyfs.calls["stall"] >= 1
