@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint bench demo
+.PHONY: install test test-fast lint bench demo
 install:
 	python3 -m venv $(VENV) && $(VENV)/bin/pip install torch==2.14.1 torchvision==0.29.1 && $(VENV)/bin/pip install -e '.[offline,hf,spark,dev]'
 
@@ -11,6 +11,10 @@ demo: install
 
 test:
 	$(PY) -m pytest
+
+# Everything not marked slow (docs/TESTING.md); CI runs the whole suite.
+test-fast:
+	$(PY) -m pytest -m "not slow"
 
 lint:
 	$(VENV)/bin/ruff check pipeline tests jobs bench

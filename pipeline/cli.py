@@ -22,7 +22,8 @@ YAML values): input=... output=... model.arch=ViT-B-32 model.pretrained=laion2b_
 model.checkpoint=/path/ckpt.pt model=conf-group-or-spec distributor=local|spark.
 Unknown keys and wrong types exit 2 before anything is written.
 Exit codes: 0 success, 1 the job failed (some shard or stage failed), 2 usage/config error.
-Logs go to stderr; the summary goes to stdout. Every run writes OUTPUT/run.json."""
+Logs go to stderr; the summary goes to stdout. Every run writes OUTPUT/run.json
+(download: OUTPUT/_clipline/run.json, out of img2dataset's way)."""
 
 COMMANDS: dict[str, dict[str, str]] = {
     "download": {

@@ -27,6 +27,7 @@ from pipeline.urllist import FORMATS, InputPlan, format_of, plan_input  # noqa: 
 log = logging.getLogger(__name__)
 
 STATS_RE = re.compile(r"^(\d+)_stats\.json$")
+LEGACY_ASIDE = ".clipline_aside"  # where versions before the run record moved to _clipline/ set run.json aside
 
 
 def expected_shards(rows_per_file: list[int], per_shard: int) -> dict[int, int]:
@@ -80,43 +81,12 @@ def _stats_files(fs: Any, root: str) -> dict[int, str]:
     return out
 
 
-@contextlib.contextmanager
-def _foreign_json_aside(fs: Any, root: str) -> Iterator[None]:
-    """Move top-level *.json that are not shard stats (e.g. run.json) away while img2dataset runs.
-
-    img2dataset takes every OUTPUT/*.json for a shard's stats and parses its name as a shard number,
-    so a run.json next to the shards makes incremental mode crash with ValueError.
-    """
-    aside = root.rstrip("/") + "/.clipline_aside"
-    moved = []
-    if fs.exists(root):
-        for p in fs.glob(root.rstrip("/") + "/*.json"):
-            if not STATS_RE.match(posixpath.basename(p)):
-                fs.makedirs(aside, exist_ok=True)
-                fs.mv(p, aside + "/" + posixpath.basename(p))
-                moved.append(p)
-    try:
-        yield
-    finally:
-        for p in moved:
-            src = aside + "/" + posixpath.basename(p)
-            if fs.exists(src):
-                fs.mv(src, p)
-        if moved and fs.exists(aside):
-            fs.rm(aside, recursive=True)
-
-
 def _repair_after_kill(fs: Any, root: str) -> None:
-    """Undo what a killed run can leave: files set aside, torn stats files (img2dataset writes them in place)."""
+    """Undo what a killed run can leave: torn stats files (img2dataset writes them in place); and move an earlier
+    version's run record out of img2dataset's way."""
     if not fs.exists(root):
         return
-    aside = root.rstrip("/") + "/.clipline_aside"
-    if fs.exists(aside):
-        for p in fs.ls(aside, detail=False):
-            dest = root.rstrip("/") + "/" + posixpath.basename(p)
-            if not fs.exists(dest):
-                fs.mv(p, dest)
-        fs.rm(aside, recursive=True)
+    _move_legacy_record(fs, root)
     for sid, p in _stats_files(fs, root).items():
         try:
             with fs.open(p, "r") as f:
@@ -127,6 +97,39 @@ def _repair_after_kill(fs: Any, root: str) -> None:
             for q in (p, stem + ".tar", stem + ".parquet"):
                 if fs.exists(q):
                     fs.rm(q)
+
+
+def _move_legacy_record(fs: Any, root: str) -> None:
+    """Earlier versions kept the download run.json beside the shards (and in .clipline_aside/ while img2dataset ran),
+    where img2dataset takes it for a stats file: move it to where the record lives now (runinfo.record_path)."""
+    from pipeline.runinfo import RUN_JSON, record_path
+
+    dest = record_path(root, "download")
+    for old in (posixpath.join(root, LEGACY_ASIDE, RUN_JSON), posixpath.join(root, RUN_JSON)):
+        if fs.exists(old):
+            fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+            fs.mv(old, dest)
+    aside = posixpath.join(root, LEGACY_ASIDE)
+    if fs.exists(aside):
+        for p in fs.ls(aside, detail=False):  # anything else set aside by an earlier version goes back
+            if not fs.exists(posixpath.join(root, posixpath.basename(p))):
+                fs.mv(p, posixpath.join(root, posixpath.basename(p)))
+        fs.rm(aside, recursive=True)
+
+
+def _check_no_foreign_json(fs: Any, root: str) -> None:
+    """img2dataset's incremental mode takes every OUTPUT/*.json for a shard's stats file and parses its name as a
+    shard number: refuse, before any work, a folder where that would crash."""
+    foreign = sorted(
+        posixpath.basename(p)
+        for p in fs.glob(root.rstrip("/") + "/*.json")
+        if not STATS_RE.match(posixpath.basename(p))
+    )
+    if foreign:
+        raise ConfigError(
+            f"output: {root} holds {', '.join(foreign[:3])}, which img2dataset would take for a shard's stats file "
+            "(it reads every *.json of its output folder); move it out of the download output"
+        )
 
 
 @contextlib.contextmanager
@@ -314,8 +317,9 @@ def download(cfg: Config) -> dict[str, Any]:
         if fs.exists(tmp):  # img2dataset's work folder, left when a run was killed after its last shard
             fs.rm(tmp, recursive=True)
     elif expected:
-        with _foreign_json_aside(fs, root):
-            _run_img2dataset(cfg, img2dataset_kwargs(cfg, plan))
+        if dl.incremental and fs.exists(root):  # overwrite mode deletes the folder first
+            _check_no_foreign_json(fs, root)
+        _run_img2dataset(cfg, img2dataset_kwargs(cfg, plan))
     seconds = time.perf_counter() - t0
     summary = summarize(fs, root, plan, expected, before, seconds)
     if summary["shards"] == 0:

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.report import RunOutput
+    from pipeline.runoutput import RunOutput
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,10 @@ Design (details and cluster recipes in docs/SPARK.md):
 - Retries and speculative copies are safe: the writer commits by rename, stats file last, and a task skips a
   shard whose stats file exists (unless embed.overwrite).
 - Progress: toLocalIterator() computes one partition at a time, so collect() runs in a thread while the
-  driver polls the stats files and calls on_result as shards commit.
+  driver polls the stats files and calls on_result as shards commit. Listing a stats folder is slow and billed on
+  object stores, so the driver lists when Spark's status tracker (driver memory, free to ask) reports newly finished
+  tasks, otherwise at an interval that doubles while listings find nothing new, and never so often that listing
+  takes more than a tenth of the time (_ListSchedule).
 - timeout_s is enforced in the task with SIGALRM (PySpark runs tasks in the worker's main thread).
 - An active session is reused and never stopped; one built from cfg.spark is stopped by stop_session.
 - GPUs: a task pins the GPU Spark assigned it (TaskContext.resources()["gpu"]) via model.device=cuda:N.
@@ -48,6 +51,9 @@ log = logging.getLogger(__name__)
 
 _OWNED: dict[str, Any] = {}  # the SparkContext get_session created, if any: the only one stop_session stops
 _ABORT = re.compile(r"Task (\d+) in stage [\d.]+ failed (\d+) times?")
+POLL_TICK_S = 1.0  # how often the driver asks Spark's status tracker (no storage access)
+POLL_MAX_S = 300.0  # the longest a running job goes without listing its stats folders (unless one listing is slower)
+POLL_LIST_SHARE = 10  # at least this many times a listing's own duration between two listings
 
 
 class ShardTimeout(Exception):
@@ -151,6 +157,39 @@ def spark_error_message(error: BaseException) -> str:
         parts.append(str(java.getMessage()) if java is not None else str(e))
         e = e.__cause__ or e.__context__
     return "\n".join(parts)
+
+
+class _ListSchedule:
+    """When the driver lists the stats folders during a Spark job: once Spark reports newly finished tasks, but never
+    within a gap of the last listing (`min_s`, or POLL_LIST_SHARE times that listing's duration if longer);
+    otherwise after an interval that starts at the gap and doubles (up to `max_s`) after each listing that found no
+    new commit. These interval listings catch shards that commit inside a task still running (spark.shards_per_task
+    > 1), so one that finds a commit Spark did not announce sets the interval back to the gap; they also stand in
+    when the status tracker cannot tell."""
+
+    def __init__(self, min_s: float, max_s: float = POLL_MAX_S, now: float = 0.0):
+        self.min_s, self.max_s = min_s, max(min_s, max_s)
+        self.gap = self.interval = min_s
+        self.last, self.tasks_seen = now, 0
+
+    def due(self, now: float, tasks_done: int | None) -> bool:
+        since = now - self.last
+        if since < self.gap:
+            return False
+        return (tasks_done is not None and tasks_done > self.tasks_seen) or since >= self.interval
+
+    def listed(self, now: float, tasks_done: int | None, found_new: bool, took: float = 0.0) -> None:
+        """A listing ended at `now` after `took` seconds; `tasks_done` is what the tracker said when it was due."""
+        announced = tasks_done is not None and tasks_done > self.tasks_seen
+        self.last = now
+        if tasks_done is not None:
+            self.tasks_seen = max(self.tasks_seen, tasks_done)
+        self.gap = max(self.min_s, POLL_LIST_SHARE * took)
+        if not found_new:
+            self.interval = min(2 * self.interval, self.max_s)
+        elif not announced:
+            self.interval = self.gap
+        self.interval = max(self.interval, self.gap)
 
 
 def pin_gpu(cfg: Config, gpu_addresses: list[str]) -> Config:
@@ -292,6 +331,23 @@ class _Ledger:
                 self.on_result(r)
 
 
+def _finished_tasks(sc: SparkContext, group_id: str) -> int | None:
+    """Spark tasks of a job group that finished, from the driver's status tracker (no storage access); None when
+    it cannot tell."""
+    try:
+        tracker = sc.statusTracker()
+        n = 0
+        for job_id in tracker.getJobIdsForGroup(group_id):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in job.stageIds if job else ():
+                stage = tracker.getStageInfo(stage_id)
+                n += stage.numCompletedTasks if stage else 0
+        return n
+    except Exception as e:  # progress is best effort: the interval listings stand in
+        log.debug("spark status tracker: %s", e)
+        return None
+
+
 class SparkDistributor(Distributor):
     """Runs shard tasks as Spark tasks on the active or a configured Spark session."""
 
@@ -343,13 +399,17 @@ class SparkDistributor(Distributor):
                 box["error"] = e
 
         log.info("spark: %d shards in %d tasks", len(pending), len(groups))
-        poll_s = min(30.0, max(1.0, len(pending) / 500))  # listing the stats folder costs more on big outputs
+        # Listing the stats folder costs more on big outputs: at most every 1-30 s, more rarely while nothing commits.
+        schedule = _ListSchedule(min(30.0, max(1.0, len(pending) / 500)), now=time.monotonic())
         thread = InheritableThread(target=collect, daemon=True)
         thread.start()
         try:
             while thread.is_alive():
-                thread.join(poll_s)
-                self._poll(ledger, pending, before)
+                thread.join(POLL_TICK_S)
+                done, now = _finished_tasks(sc, group_id), time.monotonic()
+                if thread.is_alive() and schedule.due(now, done):  # once it ended, its records say it all
+                    found = self._poll(ledger, pending, before)
+                    schedule.listed(time.monotonic(), done, found > 0, time.monotonic() - now)
         except BaseException:  # Ctrl-C on the driver: stop the executors too
             sc.cancelJobGroup(group_id)
             raise
@@ -361,14 +421,17 @@ class SparkDistributor(Distributor):
         if "error" in box:
             self._aborted(ledger, pending, groups, box["error"], before)
 
-    def _poll(self, ledger: _Ledger, pending: list[int], before: dict[str, set[str]]) -> None:
-        """Report shards whose commit marker appeared since the round began."""
+    def _poll(self, ledger: _Ledger, pending: list[int], before: dict[str, set[str]]) -> int:
+        """Report shards whose commit marker appeared since the round began; returns how many were new."""
         now = {out: set(committed_shards(out, include_empty=True)) for out in before}
+        found = 0
         for i in pending:
             t = ledger.tasks[i]
             if not ledger.results[i].ok and t.shard_id in now[t.output] - before[t.output]:
                 stats = read_stats(t.output, t.shard_id)
                 ledger.succeed(i, stats, int(stats.get("attempt", ledger.next_attempt[i])))
+                found += 1
+        return found
 
     def _aborted(
         self,

@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import lock as lk
-from pipeline.chain import STAGES, ingest_url_lists, layout, run
+from pipeline.chain import STAGES, layout, run
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.httpserver import serve_directory
+from pipeline.staging import ingest_url_lists
 from tests.helpers import jpeg_bytes, overrides, random_unit, write_fake_embed_output
 
 PER_SHARD = 16

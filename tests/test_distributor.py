@@ -84,6 +84,7 @@ def test_one_process_per_gpu_each_pinned_to_its_own_device(
     assert {(p["omp_threads"], p["torch_threads"]) for p in placements.values()} == {("1", 1)}
 
 
+@pytest.mark.slow
 def test_cpu_device_is_kept_when_gpus_are_present(tasks: list[ShardTask], monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.distributor as distributor
 

@@ -176,25 +176,43 @@ def test_rerun_skips_completed_shards(site: dict[str, Any], capfd: pytest.Captur
     argv = ["download", *site["overrides"]]
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert cli.main(argv) == 0  # everything done: nothing rewritten
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "run.json"} == mtimes
-    run = json.loads((out / "run.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "_clipline"} == mtimes
+    run = json.loads((out / "_clipline" / "run.json").read_text())
+    assert not (out / "run.json").exists()  # img2dataset would take a top-level json for a shard's stats
     assert run["summary"]["shards_skipped"] == 4 and run["summary"]["shards_written"] == 0
     assert run["summary"]["images_written"] == site["summary"]["images_written"]
 
     # A shard without its stats file is unfinished: img2dataset's incremental mode redoes that one only.
-    # run.json now sits beside the shards, which img2dataset would take for a stats file.
+    # The record sits beside the shards as earlier versions left it: moved out of img2dataset's way first.
+    (out / "_clipline" / "run.json").rename(out / "run.json")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     (out / "00002_stats.json").unlink()
     assert cli.main(argv) == 0
     stdout = capfd.readouterr().out
     assert stdout.startswith("== download ==") and "Starting the downloading" not in stdout  # stdout: summary only
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     changed = {n for n in mtimes if after.get(n) != mtimes[n]}
-    assert changed == {"00002.tar", "00002.parquet", "00002_stats.json"}
+    assert changed == {"00002.tar", "00002.parquet", "00002_stats.json", "run.json", "_clipline"}
     assert (out / "00002_stats.json").exists() and not (out / "_tmp").exists()
-    assert not (out / ".clipline_aside").exists()
-    run = json.loads((out / "run.json").read_text())["summary"]
+    assert not (out / "run.json").exists() and sorted(p.name for p in (out / "_clipline").iterdir()) == ["run.json"]
+    run = json.loads((out / "_clipline" / "run.json").read_text())["summary"]
     assert run["shards_written"] == 1 and run["shards_skipped"] == 3 and run["unaccounted"] == 0
     assert run["images_written"] == site["summary"]["images_written"]
+
+
+@pytest.mark.slow
+def test_other_json_beside_the_shards_is_refused_before_img2dataset_runs(site: dict[str, Any]) -> None:
+    out: Path = site["out"]
+    (out / "notes.json").write_text("{}")
+    stats = (out / "00001_stats.json").read_bytes()
+    (out / "00001_stats.json").unlink()
+    try:
+        with pytest.raises(ConfigError, match=r"notes\.json, which img2dataset would take"):
+            download(load_config(site["overrides"]))
+        assert not (out / "_tmp").exists() and (out / "notes.json").exists()
+    finally:
+        (out / "notes.json").unlink()
+        (out / "00001_stats.json").write_bytes(stats)
 
 
 @pytest.mark.slow
@@ -281,6 +299,21 @@ def test_formats_and_row_counts(tmp_path: Path) -> None:
         pq.write_table(pa.table({"url": ["u"] * (5 + i), "caption": ["c"] * (5 + i)}), folder / f"{i}.parquet")
     plan = plan_input(load_config([f"input={folder}", f"output={tmp_path / 'o'}"]))
     assert plan.rows_per_file == [5, 6, 7] and plan.input_format == "parquet"
+
+
+def test_run_record_of_a_download_output_is_out_of_img2datasets_glob(tmp_path: Path) -> None:
+    from pipeline.runinfo import find_record, read_record, record_path
+
+    out = str(tmp_path / "o")
+    assert record_path(out, "download") == f"{out}/_clipline/run.json"
+    assert record_path(out + "/", "embed") == record_path(out, "run") == f"{out}/run.json"
+    assert find_record(out) is None and read_record(out) is None
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "run.json").write_text('{"command": "embed"}')  # every other command, or an old download
+    assert find_record(out) == f"{out}/run.json" and read_record(out) == {"command": "embed"}
+    (tmp_path / "o" / "_clipline").mkdir()
+    (tmp_path / "o" / "_clipline" / "run.json").write_text('{"command": "download"}')
+    assert find_record(out) == f"{out}/_clipline/run.json" and read_record(out) == {"command": "download"}
 
 
 def test_expected_shards_numbered_like_img2dataset() -> None:

@@ -47,6 +47,7 @@ def embed_texts(m: offline.OfflineConseModel, texts: list[str]) -> torch.Tensor:
     return m.encode_text(m.tokenize(texts))
 
 
+@pytest.mark.slow
 def test_cat_photo_prefers_cat_caption(model: offline.OfflineConseModel) -> None:
     img = embed_images(model, ["chelsea"])
     sims = (img @ embed_texts(model, ["a photo of a cat", "a photo of a car", "a photo of a dog"]).T)[0]
@@ -55,6 +56,7 @@ def test_cat_photo_prefers_cat_caption(model: offline.OfflineConseModel) -> None
     assert cat - max(car, dog) > 0.2  # not a coin flip: measured 0.69 vs 0.18 (dog) and -0.04 (car)
 
 
+@pytest.mark.slow
 def test_sample_photos_retrieve_their_captions(model: offline.OfflineConseModel) -> None:
     names = list(PHOTO_CAPTIONS)
     sims = embed_images(model, names) @ embed_texts(model, list(PHOTO_CAPTIONS.values()) + DISTRACTORS).T
@@ -67,6 +69,7 @@ def test_sample_photos_retrieve_their_captions(model: offline.OfflineConseModel)
         assert sims[:, j].argmax().item() == j
 
 
+@pytest.mark.slow
 def test_contract_dims_norms_and_preprocess(model: offline.OfflineConseModel) -> None:
     assert model.dim == 384 and model.device.type == "cpu"
     x = model.preprocess(photo("coffee"))
@@ -81,12 +84,14 @@ def test_contract_dims_norms_and_preprocess(model: offline.OfflineConseModel) ->
     assert torch.allclose(txt.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_text_embedding_does_not_depend_on_batch_padding(model: offline.OfflineConseModel) -> None:
     alone = embed_texts(model, ["a cat"])
     padded = embed_texts(model, ["a cat", "a long caption that forces padding of the short one " * 3])[:1]
     assert (alone - padded).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_preprocess_is_thread_safe(model: offline.OfflineConseModel) -> None:
     images = [photo(n) for n in ("chelsea", "coffee", "rocket", "astronaut")]
     expected = [model.preprocess(im) for im in images]
@@ -104,6 +109,7 @@ def test_preprocess_is_thread_safe(model: offline.OfflineConseModel) -> None:
     assert all(torch.equal(results[i], expected[i % 4]) for i in range(8))
 
 
+@pytest.mark.slow
 def test_image_embedding_is_centred_mixture_of_top_classes(model: offline.OfflineConseModel) -> None:
     x = model.preprocess(photo("coffee"))[None]
     probs = model.class_probabilities(x)[0]
@@ -146,6 +152,7 @@ def test_missing_package_is_a_load_error_with_install_hint(monkeypatch: pytest.M
             call(cfg)
 
 
+@pytest.mark.slow
 def test_run_shard_embeds_with_offline_model(model: offline.OfflineConseModel, tmp_path: Path) -> None:
     from pipeline.runner import run_shard
     from pipeline.shards import ShardTask
@@ -187,6 +194,7 @@ def test_clipline_embed_end_to_end_with_offline_model(tmp_path: Path) -> None:
     assert manifest["model"] == model_fingerprint(load_config(["model=offline"]).model)
 
 
+@pytest.mark.slow
 def test_folded_batch_norms_keep_classifier_outputs(model: offline.OfflineConseModel) -> None:
     plain = offline._load_classifier(offline.weights_files()[offline.CLASSIFIER], torch.device("cpu"), fold=False)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.classifier.modules())

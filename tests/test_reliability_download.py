@@ -161,7 +161,7 @@ def test_sigkill_then_rerun_accounts_for_every_url_once(seed: int, site: dict[st
 
     r = _run(site, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((out / "run.json").read_text())["summary"]
+    summary = json.loads((out / "_clipline" / "run.json").read_text())["summary"]
     assert summary["unaccounted"] == 0 and summary["shards"] == N_SHARDS
     assert summary["shards_skipped"] == len(done) and summary["shards_written"] == N_SHARDS - len(done)
 
@@ -175,7 +175,7 @@ def test_sigkill_then_rerun_accounts_for_every_url_once(seed: int, site: dict[st
             tar_keys = {m.split(".")[0] for m in t.getnames()}
         shard_rows = pq.read_table(out / f"{s:05d}.parquet", columns=["key", "status"]).to_pylist()
         assert tar_keys == {x["key"] for x in shard_rows if x["status"] == "success"}, s
-    expected = {f.format(s) for s in range(N_SHARDS) for f in SHARD_FILE} | {"run.json"}
+    expected = {f.format(s) for s in range(N_SHARDS) for f in SHARD_FILE} | {"_clipline"}
     assert sorted(p.name for p in out.iterdir()) == sorted(expected), f"leftovers; the kill left {left}"
 
 
@@ -198,8 +198,11 @@ def test_rerun_after_a_kill_at_the_very_end_cleans_up(site: dict[str, Any], refe
     out = _copy(reference.path(), site["tmp"] / "killed_at_end")
     (out / "_tmp").mkdir()
     (out / "_tmp" / "5.feather").write_bytes(b"slice of the URL list")
+    # An earlier version killed while img2dataset ran left its run record set aside in .clipline_aside/.
     (out / ".clipline_aside").mkdir()
-    (out / "run.json").rename(out / ".clipline_aside" / "run.json")
+    (out / "_clipline" / "run.json").rename(out / ".clipline_aside" / "run.json")
+    (out / "_clipline").rmdir()
     assert cli.main([*site["argv"], f"output={out}"]) == 0
     assert not (out / "_tmp").exists() and not (out / ".clipline_aside").exists()
+    assert json.loads((out / "_clipline" / "run.json").read_text())["summary"]["shards_skipped"] == N_SHARDS
     assert _success_keys(out) == _success_keys(reference.path())

@@ -456,6 +456,7 @@ def test_icon_hiding_a_huge_png_is_rejected_without_decoding_it(tmp_path: Path) 
     assert int(r.stdout.rsplit("MAXRSS_KB", 1)[1].split()[0]) < 400 * 1024
 
 
+@pytest.mark.slow
 def test_one_megabyte_single_word_caption_is_tokenized_quickly() -> None:
     code = (
         "import signal, random, string, time, open_clip, torch\n"

@@ -16,11 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import report
 from pipeline import report_plots as rp
+from pipeline import runoutput
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.report import RunOutput, report_cli, section_queries, sections
+from pipeline.report import report_cli, section_queries, sections
+from pipeline.runoutput import RunOutput
 from pipeline.summary import JobFailed
 from tests.helpers import random_unit, write_fake_embed_output
 
@@ -55,6 +56,7 @@ def _meta(demo: Path) -> pd.DataFrame:
     return pd.concat(pd.read_parquet(p) for p in sorted((demo / "embeddings" / "metadata").glob("*.parquet")))
 
 
+@pytest.mark.slow
 def test_every_section_is_present_with_data(page: dict[str, str]) -> None:
     assert page["printed"].splitlines()[0].endswith("report/index.html")
     for anchor in SECTIONS:
@@ -63,6 +65,7 @@ def test_every_section_is_present_with_data(page: dict[str, str]) -> None:
         assert f"{anchor}: ok" in page["printed"]
 
 
+@pytest.mark.slow
 def test_counts_match_the_data(page: dict[str, str], demo: Path) -> None:
     meta = _meta(demo)
     truth = json.loads((demo / "source" / "truth.json").read_text())
@@ -85,6 +88,7 @@ def test_counts_match_the_data(page: dict[str, str], demo: Path) -> None:
     assert abs(_num(clip["p50"]) - float(scored.median())) < 1e-3
 
 
+@pytest.mark.slow
 def test_index_dedup_and_provenance_numbers(page: dict[str, str], demo: Path) -> None:
     info = json.loads((demo / "embeddings" / "index" / "image.json").read_text())
     assert re.search(rf"<td>image</td><td>{info['index_key']}</td><td>{info['ntotal']}</td>", page["index"])
@@ -100,6 +104,7 @@ def test_index_dedup_and_provenance_numbers(page: dict[str, str], demo: Path) ->
         assert re.search(rf"<td>{stage}</td><td>ok</td><td>0</td>", prov), stage
 
 
+@pytest.mark.slow
 def test_plots_and_thumbnails_are_embedded(page: dict[str, str]) -> None:
     srcs = re.findall(r'<img[^>]* src="([^"]+)"', page["html"])
     assert srcs and all(s.startswith("data:image/") for s in srcs)  # opens offline: nothing to fetch
@@ -111,6 +116,7 @@ def test_plots_and_thumbnails_are_embedded(page: dict[str, str]) -> None:
         assert np.asarray(im.convert("L")).std() > 5  # something was drawn
 
 
+@pytest.mark.slow
 def test_duplicate_groups_show_their_images(page: dict[str, str], demo: Path) -> None:
     dup = pd.read_parquet(demo / "embeddings" / "dedup" / "duplicates.parquet")
     sizes = dup.groupby("group_id").size().sort_values(ascending=False, kind="stable")
@@ -125,6 +131,7 @@ def test_duplicate_groups_show_their_images(page: dict[str, str], demo: Path) ->
     assert sims and min(sims) >= 0.0 and max(sims) <= 1.0 + 1e-6
 
 
+@pytest.mark.slow
 def test_queries_given_by_the_user(demo: Path) -> None:
     html = section_queries(RunOutput(str(demo)), ["a photo of a cat"])
     assert "a photo of a cat" in html and "green marks" not in html  # not sampled captions
@@ -133,6 +140,7 @@ def test_queries_given_by_the_user(demo: Path) -> None:
     assert html.count("data:image/jpeg;base64,") == 6
 
 
+@pytest.mark.slow
 def test_nearest_neighbour_similarities(demo: Path) -> None:
     out = RunOutput(str(demo))
     full = out.nn_similarities()
@@ -145,10 +153,11 @@ def test_nearest_neighbour_similarities(demo: Path) -> None:
     assert all(np.isclose(full, s, atol=1e-6).any() for s in sampled)
 
 
+@pytest.mark.slow
 def test_nearest_neighbours_through_the_index_on_big_outputs(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = RunOutput(str(demo))
     full = out.nn_similarities()
-    monkeypatch.setattr(report, "EXACT_NN_MAX", 10)
+    monkeypatch.setattr(runoutput, "EXACT_NN_MAX", 10)
     assert not out.nn_exact()
     approx = out.nn_similarities(max_queries=40)
     assert len(approx) == 40

@@ -66,6 +66,28 @@ def test_pin_gpu_sets_device_in_a_copy() -> None:
     assert pin_gpu(cpu, ["0"]).model.device == "cpu"
 
 
+def test_stats_listings_follow_finished_tasks_and_back_off_while_idle() -> None:
+    sched = spark_mod._ListSchedule(min_s=2.0, max_s=10.0, now=0.0)
+    assert not sched.due(1.0, 5)  # never within min_s of the last listing, whatever Spark says
+    assert not sched.due(1.9, None) and sched.due(2.0, None)  # nothing from the tracker: the interval, min_s first
+    intervals, now = [], 0.0
+    for _ in range(5):  # nothing commits: each listing waits twice as long as the last, up to max_s
+        sched.listed(now, 0, found_new=False)
+        wait = next(w for w in range(1, 100) if sched.due(now + w, 0))
+        intervals.append(wait)
+        now += wait
+    assert intervals == [4, 8, 10, 10, 10]
+    sched.listed(now, 0, found_new=False)
+    assert not sched.due(now + 1.5, 1) and sched.due(now + 2.0, 1)  # a task finished: listed after min_s
+    assert not sched.due(now + 2.0, 0) and not sched.due(now + 2.0, None)  # else the backed-off interval holds
+    sched.listed(now + 2.0, 1, found_new=True)  # the commits Spark announced: the interval stays backed off
+    assert sched.interval == 10.0 and not sched.due(now + 11.0, 1) and sched.due(now + 12.0, 1)
+    sched.listed(now + 12.0, 1, found_new=True)  # a commit inside a running task: watch closely again
+    assert sched.interval == 2.0 and sched.due(now + 14.0, 1)
+    sched.listed(now + 14.0, 2, found_new=True, took=3.0)  # a slow listing (a big folder on an object store) ...
+    assert not sched.due(now + 43.0, 3) and sched.due(now + 44.0, 3)  # ... is repeated at most every 10x its time
+
+
 def test_registry_gives_spark_backend() -> None:
     assert isinstance(get_distributor(validate({"distributor": "spark"})), SparkDistributor)
 
@@ -136,6 +158,7 @@ def expected_keys(shards: list[str]) -> list[str]:
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_active_session_is_reused_and_never_stopped(spark: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spark_mod, "_OWNED", {})  # as if a notebook or spark-submit had created it
     cfg = validate({"spark": {"master": "local[1]"}})
@@ -146,6 +169,7 @@ def test_active_session_is_reused_and_never_stopped(spark: Any, monkeypatch: pyt
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_same_output_as_local_pool(spark: Any, tiny_model: dict[str, str], shards_dir: Path, tmp_path: Path) -> None:
     local = embed(make_cfg(tiny_model, shards_dir, tmp_path / "local"))
     summary = embed(make_cfg(tiny_model, shards_dir, tmp_path / "spark", "distributor=spark"))
@@ -163,6 +187,7 @@ def test_same_output_as_local_pool(spark: Any, tiny_model: dict[str, str], shard
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_failed_tasks_are_retried_and_output_is_complete(
     spark: Any, tiny_model: dict[str, str], shards_dir: Path, tmp_path: Path
 ) -> None:
@@ -191,6 +216,7 @@ def test_failed_tasks_are_retried_and_output_is_complete(
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_poison_shard_that_crashes_spark_does_not_sink_the_run(
     spark: Any, tiny_model: dict[str, str], shards_dir: Path, tmp_path: Path
 ) -> None:
@@ -207,6 +233,7 @@ def test_poison_shard_that_crashes_spark_does_not_sink_the_run(
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_timeout_and_shards_per_task(spark: Any, tmp_path: Path) -> None:
     cfg = validate({"output": str(tmp_path / "out"), "distributor": "spark", "spark": {"shards_per_task": 3}})
     tasks = [ShardTask(s, f"/nowhere/{s}.tar", str(tmp_path / "out"), "webdataset") for s in ALL]
@@ -221,6 +248,7 @@ def test_timeout_and_shards_per_task(spark: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_progress_is_reported_as_shards_commit(spark: Any, tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     cfg = validate({"output": out, "distributor": "spark"})
@@ -235,6 +263,24 @@ def test_progress_is_reported_as_shards_commit(spark: Any, tmp_path: Path) -> No
     end = time.monotonic()
     assert all(r.ok for r in results) and set(seen) == {"00000", "00004"}
     assert seen["00000"] < end - 2.0  # reported while the 4-second shard was still running
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_finished_tasks_come_from_the_status_tracker(spark: Any) -> None:
+    from pyspark import InheritableThread
+
+    sc = spark.sparkContext
+
+    def job() -> None:  # in its own thread: the job group is a thread-local property
+        sc.setJobGroup("clipline-tracker-test", "test")
+        sc.parallelize(range(6), 3).map(lambda x: x + 1).collect()
+
+    t = InheritableThread(target=job)
+    t.start()
+    t.join()
+    assert spark_mod._finished_tasks(sc, "clipline-tracker-test") == 3
+    assert spark_mod._finished_tasks(sc, "clipline-no-such-group") == 0
 
 
 def _spark_submit() -> str:
