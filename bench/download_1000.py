@@ -86,7 +86,11 @@ def main() -> int:
                 ]
             )
             wall = time.perf_counter() - t0
-        summary = json.loads((out / "run.json").read_text())["summary"]
+        from pipeline.runinfo import read_record
+
+        record = read_record(str(out))
+        assert record is not None, f"no run record under {out}"
+        summary = record["summary"]
         rows = pa.concat_tables([pq.read_table(p, columns=["url", "status"]) for p in sorted(out.glob("*.parquet"))])
         seen = rows.column("url").to_pylist()
         stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]

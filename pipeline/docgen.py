@@ -188,7 +188,7 @@ def config_reference(conf_dir: Path = CONF_DIR) -> str:
         "(`model=NAME`, `distributor=NAME`), then `KEY=VALUE` overrides with dotted keys and YAML values "
         "(`embed.batch_size=128`, `embed.caption_keys='[txt, caption]'`, `model.pretrained=null`). Unknown keys and "
         "wrong types exit 2 before anything is written, naming the key. The resolved configuration is saved in "
-        "`OUTPUT/run.json`. Each stage reads only its own section.",
+        "`OUTPUT/run.json` (download: `OUTPUT/_clipline/run.json`). Each stage reads only its own section.",
         "",
         "Default is the value after `conf/base.yaml`; where base.yaml changes the built-in default, both are shown.",
         "",
