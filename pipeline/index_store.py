@@ -10,12 +10,10 @@ old id map. A commit that fails before its journal exists leaves the previous fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import posixpath
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +22,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from pipeline.writer import TMP_MARK
+from pipeline.writer import TMP_MARK, discard, tmp_name
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +68,12 @@ def absolute(path: str) -> str:
     return os.path.abspath(p) if is_local(fs) else path
 
 
-def _tmp(path: str) -> str:
-    return f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-
-
-def _discard(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Remove a temporary file after a failed write; a storage that fails again must not hide the first error."""
-    with contextlib.suppress(OSError):
-        if fs.exists(path):
-            fs.rm(path)
-
-
 def _roll_forward(fs: fsspec.AbstractFileSystem, output: str, journal: str) -> None:
     """Perform the renames a journal lists that have not happened yet (their temporary file still exists)."""
     with fs.open(journal, "r") as f:
         renames = json.load(f)["renames"]
-    for tmp_name, final_name in renames:
-        tmp = posixpath.join(output, tmp_name)
+    for tmp_base, final_name in renames:
+        tmp = posixpath.join(output, tmp_base)
         if fs.exists(tmp):
             fs.mv(tmp, posixpath.join(output, final_name))
     fs.rm(journal)
@@ -98,8 +85,8 @@ def commit(output: str, modality: str, index: faiss.Index, ids: pd.DataFrame, in
     files = index_files(output, modality)
     fs.makedirs(output, exist_ok=True)
     finals = (files.index, files.ids, files.info)  # info, the commit marker, renamed last
-    tmp = {p: _tmp(p) for p in finals}
-    journal_tmp = _tmp(files.journal)
+    tmp = {p: tmp_name(p) for p in finals}
+    journal_tmp = tmp_name(files.journal)
     try:
         with fs.open(tmp[files.index], "wb") as f:
             faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # type: ignore[attr-defined]
@@ -113,7 +100,7 @@ def commit(output: str, modality: str, index: faiss.Index, ids: pd.DataFrame, in
         fs.mv(journal_tmp, files.journal)
     except BaseException:
         for p in (*tmp.values(), journal_tmp):
-            _discard(fs, p)
+            discard(fs, p)
         raise
     _roll_forward(fs, output, files.journal)
     return size
