@@ -18,6 +18,7 @@ test-fast:
 
 lint:
 	$(VENV)/bin/ruff check pipeline tests jobs bench
+	$(VENV)/bin/ruff format --check pipeline tests jobs bench
 	$(VENV)/bin/mypy pipeline
 
 bench:
