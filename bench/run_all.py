@@ -12,6 +12,7 @@ BENCHES = [
     ["bench_index.py"],
     ["bench_dedup.py"],
     ["download_1000.py"],
+    ["compare_tools.py"],  # embed vs clip-retrieval needs CLIP_RETRIEVAL_PYTHON (see its docstring), else skipped
 ]
 
 if __name__ == "__main__":
