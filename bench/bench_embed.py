@@ -150,7 +150,11 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     shard_paths = make_shards(work / "shards", args.shards, per)
     inp = str(work / "shards" / f"{{00000..{args.shards - 1:05d}}}.tar")
     ckpt = work / "vitb32.pt"
-    ov = save_checkpoint("ViT-B-32", ckpt) + [f"embed.batch_size={args.batch}", "embed.output_dtype=float32"]
+    ov = save_checkpoint("ViT-B-32", ckpt) + [
+        f"embed.batch_size={args.batch}",
+        "embed.output_dtype=float32",
+        f"embed.decode={args.decode}",
+    ]
     bare, e2e, int8, cos = [], [], [], []
     for rep in range(args.reps):
         bare.append(bare_forward("ViT-B-32", ckpt, shard_paths, args.batch, os.cpu_count() or 1))
@@ -167,7 +171,10 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
             flush=True,
         )
     ratios = [e / b for e, b in zip(e2e, bare)]
-    print(f"ViT-B-32 fp32 image+text, batch {args.batch}, {args.samples} samples in {args.shards} shards")
+    print(
+        f"ViT-B-32 fp32 image+text, batch {args.batch}, {args.samples} samples in {args.shards} shards, "
+        f"embed.decode={args.decode}"
+    )
     print(f"  bare forward     median {statistics.median(bare):.2f} samples/s")
     print(f"  clipline embed   median {statistics.median(e2e):.2f} samples/s")
     print(
@@ -206,6 +213,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--decode", choices=["cpu", "device"], default="cpu", help="embed.decode for the embed runs")
     ap.add_argument("--skip-int8", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
