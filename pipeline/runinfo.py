@@ -99,9 +99,11 @@ class RunRecord:
             fs, root = fsspec.core.url_to_fs(self.output)
             if not fs.isdir(root):
                 return  # nothing was written: keep it that way
-            path = record_path(root, self.data["command"])
-            fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            with fs.open(path, "w") as f:
-                json.dump(self.data, f, indent=1, default=str)
+            from pipeline.writer import put_bytes
+
+            # temporary name + rename, so a kill mid-write never leaves a torn record
+            put_bytes(
+                fs, record_path(root, self.data["command"]), json.dumps(self.data, indent=1, default=str).encode()
+            )
         except Exception as e:  # the job's outcome (its exit code) must never be masked by its record
             log.warning("could not write run.json to %s: %s", self.output, e)

@@ -57,3 +57,26 @@ def test_overrides_after_options_are_accepted(capsys: pytest.CaptureFixture[str]
     assert main(["query", "--text", "x", "foo=1"]) == 2  # parsed as an override, then refused by name
     assert "foo: unknown key" in capsys.readouterr().err
     assert main(["query", "--text", "x", "--bogus"]) == 2
+
+
+def test_run_record_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run.json goes through a temporary name: a write that dies midway leaves the previous record readable."""
+    import fsspec.implementations.local as local_fs
+
+    from pipeline.config import load_config
+    from pipeline.runinfo import RunRecord, read_record
+
+    out = tmp_path / "out"
+    out.mkdir()
+    RunRecord("embed", load_config([]), str(out)).finish(0, {"samples": 1})
+    before = (out / "run.json").read_bytes()
+
+    def dying_write(self: object, data: bytes) -> int:
+        raise OSError("injected: disk died mid-write")
+
+    monkeypatch.setattr(local_fs.LocalFileOpener, "write", dying_write)
+    RunRecord("embed", load_config([]), str(out)).finish(1, {"samples": 2})  # logs a warning, never raises
+    monkeypatch.undo()
+    assert (out / "run.json").read_bytes() == before
+    assert read_record(str(out)) is not None and read_record(str(out))["summary"] == {"samples": 1}  # type: ignore[index]
+    assert [p.name for p in out.iterdir()] == ["run.json"]  # no temporary file left
