@@ -85,15 +85,14 @@ def _draft_size(model: EmbeddingModel, cfg: EmbedConfig) -> int | None:
     return int(size) if size else None
 
 
-def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt: int = 0) -> dict[str, Any]:
-    """Embed one shard and commit its files; returns the stats written as its commit marker."""
-    started = time.time()
+def make_decoder(model: EmbeddingModel, cfg: EmbedConfig) -> BatchDecoder:
+    """The shard's decoder: the model's own preprocess and tokenizer, plus the device decoder with decode=device."""
     device_decoder = None
     if cfg.decode == "device":
         from pipeline.devicedecode import DeviceDecoder
 
         device_decoder = DeviceDecoder(model)
-    decoder = BatchDecoder(
+    return BatchDecoder(
         model.preprocess,
         model.tokenize if cfg.text else None,
         cfg.max_pixels,
@@ -102,22 +101,29 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         draft_size=_draft_size(model, cfg),
         device=device_decoder,
     )
+
+
+def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt: int = 0) -> dict[str, Any]:
+    """Embed one shard and commit its files; returns the stats written as its commit marker."""
+    started = time.time()
+    decoder = make_decoder(model, cfg)
     writer = ShardWriter(task.output, task.shard_id, model.dim, cfg.output_dtype, cfg.write_parquet)
     timings: dict[str, float] = collections.defaultdict(float)
     status_counts = collections.Counter[str]()
     caption_counts = collections.Counter[str]()
-    counts = collections.Counter[str]()
     read_error = None
+    device_decoded = 0  # images decoded on the model's device (decode=device)
     samples = threaded(iter_samples(task, cfg.image_keys, cfg.caption_keys), 4 * cfg.batch_size, cfg.read_timeout_s)
     pending: collections.deque[Future[DecodedBatch]] = collections.deque()
     workers = decode_threads(cfg, model)
 
     def consume(fut: Future[DecodedBatch]) -> None:
+        nonlocal device_decoded
         t0 = time.perf_counter()
         decoded = fut.result()
         timings["wait_decode"] += time.perf_counter() - t0
         timings["decode"] += decoded.decode_seconds
-        counts["device_decoded"] += decoded.device_decoded
+        device_decoded += decoded.device_decoded
         t0 = time.perf_counter()
         emb = embed_batch(model, decoded, cfg.image, cfg.text)
         timings["model"] += time.perf_counter() - t0
@@ -163,8 +169,8 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         "dim": model.dim,
         "members_sha256": task.members_digest(),
     }
-    if device_decoder is not None:
-        stats["device_decoded"] = counts["device_decoded"]  # the other ok images took the CPU (Pillow) path
+    if decoder.device is not None:
+        stats["device_decoded"] = device_decoded  # the other ok images took the CPU (Pillow) path
     return writer.close(stats, skip_if_committed=not cfg.overwrite)
 
 
