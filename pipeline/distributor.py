@@ -59,7 +59,14 @@ class Distributor(ABC):
         """Run every task; returns one TaskResult per task (never raises for a task's failure)."""
 
 
+# Device nodes of the NVIDIA driver, AMD's ROCm and WSL2's GPU bridge: without any of them torch sees no GPU.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
 def gpu_count() -> int:
+    """GPUs torch can use; 0 without importing torch (3-4 s) on a machine with no GPU device nodes."""
+    if "torch" not in sys.modules and not any(os.path.exists(p) for p in GPU_DEVICE_NODES):
+        return 0
     try:
         import torch
 
@@ -89,7 +96,7 @@ def _worker_main(
     while True:
         item = task_q.get()
         if item is None:
-            return
+            _exit_quickly(result_q)
         idx, task, attempt = item
         try:
             stats = fn(task, cfg, attempt)
@@ -98,11 +105,24 @@ def _worker_main(
             result_q.put(("error", slot, idx, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"))
 
 
+def _exit_quickly(result_q: Any) -> None:
+    """Leave without the interpreter's teardown, which takes seconds once torch and open_clip are loaded.
+
+    Nothing is lost: every result is flushed through the queue first, and logs and stdio are flushed.
+    """
+    result_q.close()
+    result_q.join_thread()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 class LocalDistributor(Distributor):
     """A spawn-context process pool: one process per GPU, or `local.processes` on CPU."""
 
     def _layout(self) -> tuple[int, list[int | None], int]:
-        gpus = gpu_count()
+        gpus = 0 if self.cfg.model.device == "cpu" else gpu_count()
         n = self.cfg.local.processes or (gpus or 1)
         slots: list[int | None] = [i % gpus if gpus else None for i in range(n)]
         threads = self.cfg.local.threads or max(1, (os.cpu_count() or 1) // n)

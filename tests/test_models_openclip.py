@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,13 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.models import ModelLoadError, load_model, model_fingerprint, parse_model_string
-from pipeline.models.openclip import OpenClipModel, encode_text_trimmed
+from pipeline.models.openclip import (
+    OpenClipModel,
+    encode_text_by_length,
+    encode_text_trimmed,
+    length_groups,
+    token_lengths,
+)
 from tests.helpers import TINY_ARCH, TINY_CONFIG, make_tiny_checkpoint, overrides
 
 CAPTIONS = ["", "a cat", "a photo of two dogs playing in the snow", "word " * 100, "naïve café, 2024!"]
@@ -102,6 +110,41 @@ def test_trimmed_text_forward_equals_untrimmed(tiny: OpenClipModel) -> None:
             full = tiny.model.encode_text(tokens)
             trimmed = encode_text_trimmed(tiny.model, tokens)
         assert (full - trimmed).abs().max().item() < 1e-5
+
+
+def _best_cost_over_sorted_rows(lengths: list[int], overhead: int) -> float:
+    """Reference: the cheapest split of the rows, sorted by length, into contiguous groups (O(n^2) over rows)."""
+    ls = sorted(lengths)
+    best = [0.0] + [float("inf")] * len(ls)
+    for j in range(1, len(ls) + 1):
+        best[j] = min(best[i] + (j - i) * ls[j - 1] + overhead for i in range(j))
+    return best[-1]
+
+
+def test_length_groups_partition_rows_at_least_cost() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        lengths = [int(v) for v in rng.integers(1, 78, size=n)]
+        overhead = int(rng.choice([0, 16, 96, 1000]))
+        groups = length_groups(lengths, overhead)
+        assert sorted(r for g in groups for r in g) == list(range(n))  # every row exactly once
+        cost = sum(len(g) * max(lengths[r] for r in g) + overhead for g in groups)
+        assert cost == _best_cost_over_sorted_rows(lengths, overhead), (lengths, overhead)
+    assert length_groups([7] * 10) == [list(range(10))]  # nothing to gain from splitting equal lengths
+    assert len(length_groups([3] * 30 + [70] * 30)) == 2
+    assert length_groups([3] * 30 + [70] * 30, overhead=10**6) == [list(range(60))]
+
+
+def test_text_forward_by_length_groups_equals_untrimmed(tiny: OpenClipModel) -> None:
+    batch = [CAPTIONS[i % len(CAPTIONS)] for i in (3, 0, 1, 2, 4, 1, 3, 0)]  # long and short rows interleaved
+    tokens = tiny.tokenize(batch)
+    assert len(length_groups(token_lengths(tokens).tolist())) >= 2  # the batch really is split
+    with torch.no_grad():
+        full = tiny.model.encode_text(tokens)
+        grouped = encode_text_by_length(tiny.model, tokens)
+    assert (full - grouped).abs().max().item() < 1e-5  # and each row is back in its place
+    assert (tiny.encode_text(tokens) - F.normalize(full, dim=-1)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -197,6 +240,24 @@ def test_fingerprint_follows_checkpoint_weights(tiny_model: dict[str, str], tmp_
     before = model_fingerprint(load_config(overrides(same_path)).model)
     Path(same_path["model.checkpoint"]).write_bytes(Path(other["model.checkpoint"]).read_bytes())
     assert model_fingerprint(load_config(overrides(same_path)).model) != before
+
+
+def test_embed_driver_plans_without_importing_torch(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    """The driver only fingerprints the weights and lists shards; importing torch there cost 3-4 s per run."""
+    code = (
+        "import sys\n"
+        "from pipeline.config import load_config\n"
+        "from pipeline.distributor import LocalDistributor\n"
+        "from pipeline.embed import build_manifest, plan\n"
+        f"cfg = load_config({[*overrides(tiny_model), 'input=' + str(tmp_path / 'x.tar'), 'output=' + str(tmp_path / 'o')]!r})\n"
+        "assert build_manifest(cfg)['model']['checkpoint_sha256']\n"
+        "plan(cfg)\n"
+        "LocalDistributor(cfg)._layout()\n"
+        "assert 'torch' not in sys.modules, 'the driver imported torch'\n"
+    )
+    (tmp_path / "x.tar").write_bytes(b"")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
 
 
 def test_missing_checkpoint_is_a_load_error(tmp_path: Path, tiny_model: dict[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -74,40 +75,44 @@ def parse_model_string(spec: str) -> dict[str, Any]:
 
 _LOADERS: dict[str, Callable[["ModelConfig"], EmbeddingModel]] = {}
 _FINGERPRINTS: dict[str, Callable[["ModelConfig"], dict[str, Any]]] = {}
+# Where each family registers its loader (imports torch) and its fingerprint (open_clip and hf: torch-free,
+# so the embed driver, which only writes the manifest, does not pay for importing torch).
+_LOADER_MODULES = {
+    "open_clip": "pipeline.models.openclip",
+    "hf": "pipeline.models.hf",
+    "offline": "pipeline.models.offline",
+}
+_FINGERPRINT_MODULES = {
+    "open_clip": "pipeline.models.identity",
+    "hf": "pipeline.models.identity",
+    "offline": "pipeline.models.offline",
+}
 
 
-def register(
-    family: str,
-    loader: Callable[["ModelConfig"], EmbeddingModel],
-    fingerprint: Callable[["ModelConfig"], dict[str, Any]],
-) -> None:
+def register_loader(family: str, loader: Callable[["ModelConfig"], EmbeddingModel]) -> None:
     _LOADERS[family] = loader
+
+
+def register_fingerprint(family: str, fingerprint: Callable[["ModelConfig"], dict[str, Any]]) -> None:
     _FINGERPRINTS[family] = fingerprint
 
 
-def _ensure_registered(family: str) -> None:
-    if family in _LOADERS:
-        return
-    if family == "open_clip":
-        import pipeline.models.openclip  # noqa: F401
-    elif family == "hf":
-        import pipeline.models.hf  # noqa: F401
-    elif family == "offline":
-        import pipeline.models.offline  # noqa: F401
-    if family not in _LOADERS:
-        raise ValueError(f"unknown model family {family!r}; known: open_clip, hf, offline")
+def _lookup(table: dict[str, Callable[..., Any]], modules: dict[str, str], family: str) -> Callable[..., Any]:
+    if family not in table and family in modules:
+        importlib.import_module(modules[family])
+    if family not in table:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(modules)}")
+    return table[family]
 
 
 def load_model(cfg: "ModelConfig") -> EmbeddingModel:
     """Load the configured model once; raises ModelLoadError with a hint when weights are unavailable."""
-    _ensure_registered(cfg.family)
-    return _LOADERS[cfg.family](cfg)
+    return _lookup(_LOADERS, _LOADER_MODULES, cfg.family)(cfg)  # type: ignore[no-any-return]
 
 
 def model_fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
     """Identify the weights and preprocessing without loading the model (for the manifest)."""
-    _ensure_registered(cfg.family)
-    return _FINGERPRINTS[cfg.family](cfg)
+    return _lookup(_FINGERPRINTS, _FINGERPRINT_MODULES, cfg.family)(cfg)  # type: ignore[no-any-return]
 
 
 def resolve_device(device: str) -> "torch.device":

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
 import logging
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import EmbeddingModel, ModelLoadError, register, resolve_device, sha256_file
+from pipeline.models import EmbeddingModel, ModelLoadError, register_loader, resolve_device
+from pipeline.models.identity import HF_HINT, hf_model_dir
 from pipeline.models.quantize import quantize_int8
 
 if TYPE_CHECKING:
@@ -24,61 +21,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 # SigLIP was trained on captions padded to the full length without an attention mask and pools the last
 # position, so its text must be padded the same way; CLIP pools at end-of-text under a causal mask,
 # so padding to the batch's longest caption gives the same vectors for less compute.
 PAD_TO_MAX_LENGTH = ("siglip",)
 # SigLIP 2's NaFlex processor returns patch sequences plus masks, not one CHW tensor per image.
 UNSUPPORTED = {"siglip2": "SigLIP 2 (NaFlex) is not supported by family=hf; use open_clip's ViT-*-SigLIP2 models"}
-HINT = (
-    "model.path must be a local directory written by save_pretrained() (config.json, weights, "
-    "preprocessor_config.json and tokenizer files), e.g. a snapshot folder of a pre-filled Hugging Face cache"
-)
-
-
-def model_dir(cfg: "ModelConfig") -> Path:
-    if not cfg.path:
-        raise ModelLoadError("model.family=hf needs model.path=DIR (or model=hf:DIR)")
-    path = Path(cfg.path).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model.path={cfg.path}: no config.json there. {HINT}")
-    return path
-
-
-def _files(root: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def _sha256(path: Path) -> str:
-    st = path.stat()
-    return _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-def fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
-    """Hashes of the weight files and of everything else in the folder (config, processor, tokenizer), not its path."""
-    root = model_dir(cfg)
-    weights: dict[str, str] = {}
-    rest = hashlib.sha256()
-    for p in _files(root):
-        rel = p.relative_to(root).as_posix()
-        if p.name.endswith(WEIGHT_SUFFIXES):
-            weights[rel] = _sha256(p)
-        else:
-            rest.update(rel.encode() + b"\0" + _sha256(p).encode() + b"\0")
-    if not weights:
-        raise ModelLoadError(f"model.path={cfg.path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}). {HINT}")
-    model_type = json.loads((root / "config.json").read_text()).get("model_type")
-    return {"family": "hf", "model_type": model_type, "weights_sha256": weights, "other_files_sha256": rest.hexdigest()}
 
 
 def _output_tensor(out: Any) -> torch.Tensor:
@@ -110,7 +58,7 @@ class HFDualEncoder(EmbeddingModel):
     """A transformers model with get_image_features/get_text_features plus its own image processor and tokenizer."""
 
     def __init__(self, cfg: "ModelConfig") -> None:
-        root = model_dir(cfg)
+        root = hf_model_dir(cfg)
         self.device = resolve_device(cfg.device)
         if cfg.precision == "int8" and self.device.type != "cpu":
             raise ModelLoadError("model.precision=int8 is a CPU option; use fp16 on GPUs")
@@ -120,7 +68,7 @@ class HFDualEncoder(EmbeddingModel):
         try:
             config = AutoConfig.from_pretrained(root, local_files_only=True)
         except Exception as e:
-            raise ModelLoadError(f"model.path={root}: cannot read config.json: {e}. {HINT}") from e
+            raise ModelLoadError(f"model.path={root}: cannot read config.json: {e}. {HF_HINT}") from e
         self.model_type = str(getattr(config, "model_type", ""))
         if self.model_type in UNSUPPORTED:
             raise ModelLoadError(UNSUPPORTED[self.model_type])
@@ -129,7 +77,7 @@ class HFDualEncoder(EmbeddingModel):
             self.processor = AutoImageProcessor.from_pretrained(root, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
         except Exception as e:
-            raise ModelLoadError(f"model.path={root}: {type(e).__name__}: {e}. {HINT}") from e
+            raise ModelLoadError(f"model.path={root}: {type(e).__name__}: {e}. {HF_HINT}") from e
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise ModelLoadError(f"model.path={root}: {type(model).__name__} is not an image-text dual encoder")
         model.eval().to(self.device)
@@ -182,4 +130,4 @@ class HFDualEncoder(EmbeddingModel):
         return F.normalize(_output_tensor(out).float(), dim=-1).cpu()
 
 
-register("hf", HFDualEncoder, fingerprint)
+register_loader("hf", HFDualEncoder)

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import EmbeddingModel, ModelLoadError, register, resolve_device, sha256_file
+from pipeline.models import (
+    EmbeddingModel,
+    ModelLoadError,
+    register_fingerprint,
+    register_loader,
+    resolve_device,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -268,4 +275,5 @@ class OfflineConseModel(EmbeddingModel):
         return F.normalize(self._encode_tokens(tokens) - self.center, dim=-1)
 
 
-register("offline", OfflineConseModel, fingerprint)
+register_loader("offline", OfflineConseModel)
+register_fingerprint("offline", fingerprint)

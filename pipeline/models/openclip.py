@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import EmbeddingModel, ModelLoadError, register, resolve_device, sha256_file
+from pipeline.models import EmbeddingModel, ModelLoadError, register_loader, resolve_device
 from pipeline.models.quantize import linearize_self_attention, quantize_int8, quantized_fraction
 
 if TYPE_CHECKING:
@@ -149,7 +148,7 @@ class OpenClipModel(EmbeddingModel):
         x = self._to_device(tokens)
         with torch.inference_mode(), self._autocast():
             if self.trim_text:
-                feats = encode_text_trimmed(self.model, x)
+                feats = encode_text_by_length(self.model, x)
             else:
                 feats = self.model.encode_text(x)
         return F.normalize(feats.float(), dim=-1).cpu()
@@ -167,6 +166,58 @@ def _can_trim_text(model: torch.nn.Module) -> bool:
     )
 
 
+# Fixed cost of one extra text forward, in token-rows (rows x positions): with 64 captions of 10-26 tokens on
+# 2 CPU cores, 64-128 gave the fastest splits (45 -> 62 captions/s against one group cut to the longest).
+GROUP_OVERHEAD_TOKENS = 96
+
+
+def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Split rows into groups of similar length so each group is cut at its own longest row.
+
+    Minimizes sum(rows x longest + overhead) over the groups, exactly, by dynamic programming over the distinct
+    lengths (at most the context length, so the cost does not grow with the batch). Returns row indices.
+    """
+    values = sorted(set(lengths))
+    count = [0] * (len(values) + 1)  # count[j]: rows with length <= values[j-1]
+    for j, v in enumerate(values):
+        count[j + 1] = count[j] + lengths.count(v)
+    best = [0.0] + [float("inf")] * len(values)
+    cut = [0] * (len(values) + 1)
+    for j in range(1, len(values) + 1):
+        for i in range(j):
+            cost = best[i] + (count[j] - count[i]) * values[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds = []
+    j = len(values)
+    while j > 0:
+        bounds.append((values[cut[j] - 1] if cut[j] else 0, values[j - 1]))
+        j = cut[j]
+    return [[r for r, n in enumerate(lengths) if lo < n <= hi] for lo, hi in reversed(bounds)]
+
+
+def token_lengths(text: torch.Tensor) -> torch.Tensor:
+    """Per row, the position after the last non-padding token (padding is token id 0)."""
+    positions = torch.arange(1, text.shape[1] + 1, device=text.device)
+    return ((text != 0).int() * positions).amax(dim=1).clamp(min=1)
+
+
+def encode_text_by_length(model: Any, text: torch.Tensor) -> torch.Tensor:
+    """encode_text_trimmed on groups of similar caption length, put back in row order (same result, less compute)."""
+    groups = length_groups(token_lengths(text).tolist())
+    if len(groups) == 1:
+        return encode_text_trimmed(model, text)
+    out: torch.Tensor | None = None
+    for rows in groups:
+        index = torch.tensor(rows, device=text.device)
+        feats = encode_text_trimmed(model, text[index])
+        if out is None:
+            out = feats.new_empty((text.shape[0], feats.shape[1]))
+        out[index] = feats
+    assert out is not None
+    return out
+
+
 def encode_text_trimmed(model: Any, text: torch.Tensor) -> torch.Tensor:
     """open_clip's CLIP.encode_text on tokens cut to the batch's longest caption (same result, less compute).
 
@@ -175,9 +226,7 @@ def encode_text_trimmed(model: Any, text: torch.Tensor) -> torch.Tensor:
     """
     from open_clip.transformer import text_global_pool
 
-    nonpad = (text != 0).int()
-    length = int((nonpad * torch.arange(1, text.shape[1] + 1, device=text.device)).amax().item())
-    length = max(length, 1)
+    length = int(token_lengths(text).max().item())
     t = text[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(t).to(cast_dtype)
@@ -194,21 +243,4 @@ def encode_text_trimmed(model: Any, text: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
-    """Weights identity: checkpoint sha256, or the named tag; plus the custom config's hash."""
-    fp: dict[str, Any] = {"family": "open_clip", "arch": cfg.arch}
-    if cfg.checkpoint:
-        path = Path(cfg.checkpoint).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"model.checkpoint={cfg.checkpoint}: no such file")
-        fp["checkpoint_sha256"] = sha256_file(path)
-    elif cfg.pretrained and os.path.isfile(os.path.expanduser(cfg.pretrained)):
-        fp["checkpoint_sha256"] = sha256_file(os.path.expanduser(cfg.pretrained))
-    else:
-        fp["pretrained"] = cfg.pretrained
-    if cfg.model_config_file:
-        fp["model_config_sha256"] = sha256_file(Path(cfg.model_config_file).expanduser())
-    return fp
-
-
-register("open_clip", OpenClipModel, fingerprint)
+register_loader("open_clip", OpenClipModel)
