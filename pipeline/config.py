@@ -103,6 +103,12 @@ class EmbedConfig(_Section):
     folder_shard_size: int = Field(10000, gt=0, description="Images per output shard for plain-folder inputs.")
     decode_threads: int = Field(0, ge=0, description="Decode/preprocess threads per worker; 0 = auto.")
     prefetch: int = Field(2, ge=1, description="Decoded batches buffered ahead of the model (bounds memory).")
+    decode_priority: Literal["auto", "normal", "idle"] = Field(
+        "auto",
+        description="Scheduling of the decode threads: idle runs them only on cycles the model leaves free (Linux "
+        "SCHED_IDLE), so they never preempt its compute threads; auto = idle when the model runs on the CPU, "
+        "normal when it runs on a GPU (there decode is the CPU's main work).",
+    )
     image: bool = Field(True, description="Embed images.")
     text: bool = Field(True, description="Embed captions.")
     output_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the stored embeddings.")
@@ -123,6 +129,11 @@ class EmbedConfig(_Section):
         "other formats and unusual JPEGs still take the cpu path).",
     )
     trim_text: bool = Field(True, description="Cut caption padding for causal text towers (identical results).")
+    reuse_memory: bool = Field(
+        True,
+        description="With a CPU model, keep freed memory in the worker (glibc: no mmap for large blocks, no trim) "
+        "so each batch's activations reuse pages instead of faulting in fresh zeroed ones.",
+    )
     max_shard_retries: int = Field(2, ge=0, description="Retries of a shard whose worker crashed or raised.")
     shard_timeout_s: float = Field(3600.0, gt=0, description="A shard running longer than this is failed.")
     read_timeout_s: float = Field(300.0, gt=0, description="A read that stalls longer than this fails the shard.")

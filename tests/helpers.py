@@ -77,6 +77,21 @@ def make_tiny_checkpoint(dirpath: Path, seed: int = 0) -> dict[str, str]:
     return {"model.arch": TINY_ARCH, "model.checkpoint": str(ckpt), "model.model_config_file": str(cfg_path)}
 
 
+def custom_checkpoint(root: Path, name: str, config: dict, seed: int = 0) -> dict[str, str]:
+    """A random-weight model of another open_clip config, saved the way make_tiny_checkpoint saves the tiny one."""
+    import open_clip
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / f"{name}.json"
+    cfg_path.write_text(json.dumps(config))
+    open_clip.factory._MODEL_CONFIGS[name] = config
+    torch.manual_seed(seed)
+    ckpt = root / f"{name}.pt"
+    torch.save(open_clip.create_model(name, pretrained=None).state_dict(), ckpt)
+    return {"model.arch": name, "model.checkpoint": str(ckpt), "model.model_config_file": str(cfg_path)}
+
+
 def overrides(d: dict[str, Any]) -> list[str]:
     return [f"{k}={v}" for k, v in d.items()]
 

@@ -24,7 +24,7 @@ from pipeline.models.openclip import (
     length_groups,
     token_lengths,
 )
-from tests.helpers import TINY_ARCH, TINY_CONFIG, make_tiny_checkpoint, overrides
+from tests.helpers import TINY_ARCH, TINY_CONFIG, custom_checkpoint, make_tiny_checkpoint, overrides
 
 CAPTIONS = ["", "a cat", "a photo of two dogs playing in the snow", "word " * 100, "naïve café, 2024!"]
 
@@ -32,20 +32,6 @@ CAPTIONS = ["", "a cat", "a photo of two dogs playing in the snow", "word " * 10
 def images(n: int) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray((rng.random((40 + 7 * i, 50, 3)) * 255).astype("uint8")) for i in range(n)]
-
-
-def custom_checkpoint(root: Path, name: str, config: dict, seed: int = 0) -> dict[str, str]:
-    """A random-weight model of another open_clip config, saved the way make_tiny_checkpoint saves the tiny one."""
-    import open_clip
-
-    root.mkdir(parents=True, exist_ok=True)
-    cfg_path = root / f"{name}.json"
-    cfg_path.write_text(json.dumps(config))
-    open_clip.factory._MODEL_CONFIGS[name] = config
-    torch.manual_seed(seed)
-    ckpt = root / f"{name}.pt"
-    torch.save(open_clip.create_model(name, pretrained=None).state_dict(), ckpt)
-    return {"model.arch": name, "model.checkpoint": str(ckpt), "model.model_config_file": str(cfg_path)}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import EmbeddingModel, ModelLoadError, register_loader, resolve_device
+from pipeline.models.pooled import (
+    can_pool_image,
+    can_pool_text,
+    check_pooled,
+    encode_image_pooled,
+    run_blocks_pooled,
+    text_pool_positions,
+)
 from pipeline.models.quantize import linearize_self_attention, quantize_int8, quantized_fraction
 
 if TYPE_CHECKING:
@@ -84,28 +92,47 @@ class OpenClipModel(EmbeddingModel):
         except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for unreachable weights
             raise ModelLoadError(f"loading open_clip {cfg.arch} / {weights}: {type(e).__name__}: {e}\n{HINT}") from e
         model.eval()
-        if cfg.precision == "int8":
-            swapped = linearize_self_attention(model)
-            model = quantize_int8(model)
-            log.info(
-                "int8: %d attention blocks linearized, %.0f%% of matmul weights int8",
-                swapped,
-                100 * quantized_fraction(model),
-            )
-            # open_clip reads the compute dtype off a Linear weight, which quantized layers expose as a method.
-            for mod in model.modules():
-                if hasattr(mod, "get_cast_dtype"):
-                    mod.get_cast_dtype = lambda: torch.float32  # type: ignore[assignment]
         self.model = model
         self.cfg = cfg
         self._preprocess = preprocess
         self._tokenizer = open_clip.get_tokenizer(cfg.arch, cache_dir=cfg.cache_dir)
         self.context_length = getattr(model, "context_length", None) or 77
         self.trim_text = _can_trim_text(model)
+        swapped = linearize_self_attention(model) if cfg.precision == "int8" else 0
+        # Checked before int8 quantization, where the pooled path is exact; int8 then changes its rounding only
+        # (activation scales come from the rows computed; cosine to fp32 stays as close as the plain int8 forward).
+        self.pooled_image, self.pooled_text = self._check_pooled()
+        if cfg.precision == "int8":
+            self.model = quantize_int8(model)
+            log.info(
+                "int8: %d attention blocks linearized, %.0f%% of matmul weights int8",
+                swapped,
+                100 * quantized_fraction(self.model),
+            )
+            # open_clip reads the compute dtype off a Linear weight, which quantized layers expose as a method.
+            for mod in self.model.modules():
+                if hasattr(mod, "get_cast_dtype"):
+                    mod.get_cast_dtype = lambda: torch.float32  # type: ignore[assignment]
         self.dim = int(self._infer_dim())
         self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
         if self.device.type == "cuda":
             self.model.visual.to(memory_format=torch.channels_last)
+
+    def _check_pooled(self) -> tuple[bool, bool]:
+        """Whether the last-block-at-the-pooled-position paths apply to this model and agree with its forward."""
+        image = can_pool_image(self.model)
+        text = self.trim_text and can_pool_text(self.model)
+        if not (image or text):
+            return False, False
+        size = tuple(self.model.visual.image_size) if image else None
+        tokens = self._tokenizer(["a photo of a dog", "two cats on a red sofa in the sun"]).to(self.device)
+        image_ok, text_ok = check_pooled(self.model, size, tokens if text else None)  # type: ignore[arg-type]
+        for tower, applies, ok in (("image", image, image_ok), ("text", text, text_ok)):
+            if applies and not ok:
+                log.warning(
+                    "%s tower: the pooled last block disagrees with the plain forward; using the plain one", tower
+                )
+        return image and image_ok, text and text_ok
 
     def _infer_dim(self) -> int:
         proj = getattr(self.model, "text_projection", None)
@@ -141,14 +168,14 @@ class OpenClipModel(EmbeddingModel):
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            feats = self.model.encode_image(x)
+            feats = encode_image_pooled(self.model, x) if self.pooled_image else self.model.encode_image(x)
         return F.normalize(feats.float(), dim=-1).cpu()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self._to_device(tokens)
         with torch.inference_mode(), self._autocast():
             if self.trim_text:
-                feats = encode_text_by_length(self.model, x)
+                feats = encode_text_by_length(self.model, x, self.pooled_text)
             else:
                 feats = self.model.encode_text(x)
         return F.normalize(feats.float(), dim=-1).cpu()
@@ -202,15 +229,15 @@ def token_lengths(text: torch.Tensor) -> torch.Tensor:
     return ((text != 0).int() * positions).amax(dim=1).clamp(min=1)
 
 
-def encode_text_by_length(model: Any, text: torch.Tensor) -> torch.Tensor:
+def encode_text_by_length(model: Any, text: torch.Tensor, pooled: bool = False) -> torch.Tensor:
     """encode_text_trimmed on groups of similar caption length, put back in row order (same result, less compute)."""
     groups = length_groups(token_lengths(text).tolist())
     if len(groups) == 1:
-        return encode_text_trimmed(model, text)
+        return encode_text_trimmed(model, text, pooled)
     out: torch.Tensor | None = None
     for rows in groups:
         index = torch.tensor(rows, device=text.device)
-        feats = encode_text_trimmed(model, text[index])
+        feats = encode_text_trimmed(model, text[index], pooled)
         if out is None:
             out = feats.new_empty((text.shape[0], feats.shape[1]))
         out[index] = feats
@@ -218,11 +245,12 @@ def encode_text_by_length(model: Any, text: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def encode_text_trimmed(model: Any, text: torch.Tensor) -> torch.Tensor:
+def encode_text_trimmed(model: Any, text: torch.Tensor, pooled: bool = False) -> torch.Tensor:
     """open_clip's CLIP.encode_text on tokens cut to the batch's longest caption (same result, less compute).
 
     With a causal mask no position attends to later ones, and pooling reads the end-of-text position,
-    so the padding columns never influence the pooled feature.
+    so the padding columns never influence the pooled feature. With `pooled`, the last block runs at the
+    end-of-text position only (pooled.py).
     """
     from open_clip.transformer import text_global_pool
 
@@ -231,9 +259,13 @@ def encode_text_trimmed(model: Any, text: torch.Tensor) -> torch.Tensor:
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(t).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = text_global_pool(x, t, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    mask = model.attn_mask[:length, :length]
+    if pooled:
+        x = model.ln_final(run_blocks_pooled(model.transformer, x, text_pool_positions(model, t), mask, causal=True))
+    else:
+        x = model.transformer(x, attn_mask=mask)
+        x = model.ln_final(x)
+        x = text_global_pool(x, t, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
         x = (
             model.text_projection(x)
