@@ -137,8 +137,28 @@ def run_embed(overrides: list[str], inp: str, out: Path) -> tuple[float, int]:
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     dt, rss = r.stdout.strip().splitlines()[-1].split()
-    n = sum(json.loads(p.read_text())["samples"] for p in (out / "stats").glob("stats_*.json"))
+    stats = [json.loads(p.read_text()) for p in (out / "stats").glob("stats_*.json")]
+    n = sum(s["samples"] for s in stats)
+    timings: dict[str, float] = {}
+    for s in stats:
+        for k, v in s["timings"].items():
+            timings[k] = timings.get(k, 0.0) + v
+    span = max(s["finished"] for s in stats) - min(s["started"] for s in stats)
+    LAST_SPLIT[:] = [float(dt), span, timings]
     return n / float(dt), int(rss)
+
+
+LAST_SPLIT: list = []  # (command seconds, first shard start to last shard end, summed per-shard timings)
+
+
+def split_line() -> str:
+    """Where the last embed command's time went, from its per-shard stats."""
+    dt, span, t = LAST_SPLIT
+    return (
+        f"    time split: command {dt:.1f}s = outside shards {dt - span:.1f}s (start-up, model load, exit) + shards "
+        f"{span:.1f}s (model {t.get('model', 0):.1f}s, waiting for decode {t.get('wait_decode', 0):.1f}s, "
+        f"write {t.get('write', 0):.1f}s; decode threads busy {t.get('decode', 0):.1f}s)"
+    )
 
 
 def _load_all(out: Path) -> np.ndarray:
@@ -160,6 +180,7 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
         bare.append(bare_forward("ViT-B-32", ckpt, shard_paths, args.batch, os.cpu_count() or 1))
         out = work / f"e2e{rep}"
         e2e.append(run_embed(ov, inp, out)[0])
+        print(split_line(), flush=True)
         if not args.skip_int8:
             out8 = work / f"int8_{rep}"
             int8.append(run_embed(ov + ["model.precision=int8"], inp, out8)[0])

@@ -103,9 +103,9 @@ def decode_idle(cfg: EmbedConfig, model: EmbeddingModel) -> bool:
     """Whether the decode threads take only the cycles the model leaves free (see embed.decode_priority).
 
     On a CPU model the compute threads already fill every core the worker has: a decode thread at normal priority
-    preempts one of them and its partners wait at the next barrier, so decode cost about twice its own CPU time
-    (8% of a ViT-B-32 run on 2 cores). At idle priority it runs in the model's gaps, and at worst while the model
-    waits for it, on every core at once.
+    preempts one of them and its partners wait at the next barrier, so decode can cost up to twice its own CPU
+    time. At idle priority it runs in the model's gaps, and at worst while the model waits for it, on every core
+    at once. (With ViT-B-32 on 2 cores decode is ~4% of the work, so the difference measured within noise.)
     """
     if cfg.decode_priority == "auto":
         return model.device.type == "cpu" and hasattr(os, "SCHED_IDLE")
