@@ -116,8 +116,8 @@ def bare_forward(arch: str, ckpt: Path, shard_paths: list[str], batch: int, thre
     return len(pixels) / (time.perf_counter() - t0)
 
 
-def run_embed(overrides: list[str], inp: str, out: Path) -> tuple[float, int]:
-    """`clipline embed` in a child process; returns (samples/s over the whole command, child peak RSS KiB)."""
+def run_embed(overrides: list[str], inp: str, out: Path) -> tuple[float, int, str]:
+    """`clipline embed` in a child process: (samples/s over the whole command, child peak RSS KiB, time split)."""
     args = [
         sys.executable,
         "-m",
@@ -144,16 +144,11 @@ def run_embed(overrides: list[str], inp: str, out: Path) -> tuple[float, int]:
         for k, v in s["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
     span = max(s["finished"] for s in stats) - min(s["started"] for s in stats)
-    LAST_SPLIT[:] = [float(dt), span, timings]
-    return n / float(dt), int(rss)
+    return n / float(dt), int(rss), split_line(float(dt), span, timings)
 
 
-LAST_SPLIT: list = []  # (command seconds, first shard start to last shard end, summed per-shard timings)
-
-
-def split_line() -> str:
-    """Where the last embed command's time went, from its per-shard stats."""
-    dt, span, t = LAST_SPLIT
+def split_line(dt: float, span: float, t: dict[str, float]) -> str:
+    """Where an embed command's time went, from its per-shard stats (span: first shard start to last end)."""
     return (
         f"    time split: command {dt:.1f}s = outside shards {dt - span:.1f}s (start-up, model load, exit) + shards "
         f"{span:.1f}s (model {t.get('model', 0):.1f}s, waiting for decode {t.get('wait_decode', 0):.1f}s, "
@@ -179,8 +174,9 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     for rep in range(args.reps):
         bare.append(bare_forward("ViT-B-32", ckpt, shard_paths, args.batch, os.cpu_count() or 1))
         out = work / f"e2e{rep}"
-        e2e.append(run_embed(ov, inp, out)[0])
-        print(split_line(), flush=True)
+        rate, _, split = run_embed(ov, inp, out)
+        e2e.append(rate)
+        print(split, flush=True)
         if not args.skip_int8:
             out8 = work / f"int8_{rep}"
             int8.append(run_embed(ov + ["model.precision=int8"], inp, out8)[0])
@@ -220,7 +216,7 @@ def memory(args: argparse.Namespace, work: Path) -> None:
     for mult in (1, 4, 16):
         inp = str(work / "mshards" / f"{{00000..{mult - 1:05d}}}.tar")
         t0 = time.perf_counter()
-        rate, rss = run_embed(ov, inp, work / f"mem{mult}")
+        rate, rss, _ = run_embed(ov, inp, work / f"mem{mult}")
         print(
             f"  {mult:>2}x shards ({mult * 200:>5} samples): {time.perf_counter() - t0:6.1f}s, "
             f"{rate:7.1f} samples/s, peak worker RSS {rss / 1024:.0f} MiB",

@@ -63,22 +63,13 @@ def make_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> lis
 
 def make_tiny_checkpoint(dirpath: Path, seed: int = 0) -> dict[str, str]:
     """A random-weight open_clip model saved as a local checkpoint; returns the config overrides to load it."""
-    import open_clip
-    import torch
-
-    dirpath.mkdir(parents=True, exist_ok=True)
-    cfg_path = dirpath / f"{TINY_ARCH}.json"
-    cfg_path.write_text(json.dumps(TINY_CONFIG))
-    open_clip.factory._MODEL_CONFIGS[TINY_ARCH] = TINY_CONFIG
-    torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_ARCH, pretrained=None)
-    ckpt = dirpath / f"{TINY_ARCH}-seed{seed}.pt"
-    torch.save(model.state_dict(), ckpt)
-    return {"model.arch": TINY_ARCH, "model.checkpoint": str(ckpt), "model.model_config_file": str(cfg_path)}
+    return custom_checkpoint(dirpath, TINY_ARCH, TINY_CONFIG, seed, ckpt_name=f"{TINY_ARCH}-seed{seed}.pt")
 
 
-def custom_checkpoint(root: Path, name: str, config: dict, seed: int = 0) -> dict[str, str]:
-    """A random-weight model of another open_clip config, saved the way make_tiny_checkpoint saves the tiny one."""
+def custom_checkpoint(
+    root: Path, name: str, config: dict, seed: int = 0, ckpt_name: str | None = None
+) -> dict[str, str]:
+    """A random-weight model of an open_clip config (registered as `name`), saved as a local checkpoint."""
     import open_clip
     import torch
 
@@ -87,7 +78,7 @@ def custom_checkpoint(root: Path, name: str, config: dict, seed: int = 0) -> dic
     cfg_path.write_text(json.dumps(config))
     open_clip.factory._MODEL_CONFIGS[name] = config
     torch.manual_seed(seed)
-    ckpt = root / f"{name}.pt"
+    ckpt = root / (ckpt_name or f"{name}.pt")
     torch.save(open_clip.create_model(name, pretrained=None).state_dict(), ckpt)
     return {"model.arch": name, "model.checkpoint": str(ckpt), "model.model_config_file": str(cfg_path)}
 

@@ -20,16 +20,15 @@ from torch import nn
 def _plain_block(block: Any) -> bool:
     from open_clip.transformer import ResidualAttentionBlock
 
-    from pipeline.models.quantize import SelfAttention
+    from pipeline.models.quantize import SelfAttention, plain_self_attention
 
+    attn = getattr(block, "attn", None)
     return (
         type(block) is ResidualAttentionBlock
         and not hasattr(block, "ln_1_kv")
         and (
-            (isinstance(block.attn, nn.MultiheadAttention) and block.attn._qkv_same_embed_dim)
-            or isinstance(block.attn, SelfAttention)
+            isinstance(attn, SelfAttention) or (isinstance(attn, nn.MultiheadAttention) and plain_self_attention(attn))
         )
-        and (not isinstance(block.attn, nn.MultiheadAttention) or block.attn.bias_k is None)
     )
 
 

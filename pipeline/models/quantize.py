@@ -17,12 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def plain_self_attention(mha: nn.MultiheadAttention) -> bool:
+    """Same q/k/v width, no bias_k/bias_v, no zero attention: the attention SelfAttention and pooled.py compute."""
+    return bool(mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn)
+
+
 class SelfAttention(nn.Module):
     """`nn.MultiheadAttention` for self-attention without weights output, with `nn.Linear` projections."""
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
-        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        if not plain_self_attention(mha):
             raise ValueError("only plain self-attention (same q/k/v width, no bias_k, no zero attention) converts")
         d = mha.embed_dim
         self.num_heads = mha.num_heads
