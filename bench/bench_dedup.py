@@ -31,8 +31,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def generate(root: Path, n: int, dim: int, per_shard: int, seed: int = 0) -> None:
-    from pipeline.batch import OK, EmbeddedBatch, SampleRow
-    from pipeline.writer import ShardWriter, check_or_write_manifest, committed_shards, new_manifest, update_manifest
+    from pipeline.embed.batch import OK, EmbeddedBatch, SampleRow
+    from pipeline.embed.writer import (
+        ShardWriter,
+        check_or_write_manifest,
+        committed_shards,
+        new_manifest,
+        update_manifest,
+    )
 
     n_shards = -(-n // per_shard)
     if len(committed_shards(str(root))) == n_shards:
@@ -83,7 +89,7 @@ def generate(root: Path, n: int, dim: int, per_shard: int, seed: int = 0) -> Non
 
 def subset(root: Path, n_shards: int) -> Path:
     """The first n_shards of root, as links (the same files), for a smaller exact run."""
-    from pipeline.writer import committed_shards, shard_files
+    from pipeline.embed.writer import committed_shards, shard_files
 
     sub = root.parent / f"{root.name}-first{n_shards}"
     if len(committed_shards(str(sub))) == n_shards:
@@ -101,8 +107,8 @@ def subset(root: Path, n_shards: int) -> Path:
 def child(mode: str, data: str, out: str) -> None:
     import logging
 
-    from pipeline.config import load_config
-    from pipeline.dedup import dedup
+    from pipeline.core.config import load_config
+    from pipeline.dedup.stage import dedup
 
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()

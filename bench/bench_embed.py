@@ -96,8 +96,8 @@ def bare_forward(arch: str, ckpt: Path, shard_paths: list[str], batch: int, thre
     import torch
     from PIL import Image
 
-    from pipeline.reader import iter_tar
-    from pipeline.shards import ShardTask
+    from pipeline.embed.plan import ShardTask
+    from pipeline.embed.reader import iter_tar
 
     torch.set_num_threads(threads)
     model, _, pre = open_clip.create_model_and_transforms(arch, pretrained=str(ckpt))

@@ -28,8 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def generate(root: Path, n: int, dim: int, per_shard: int, clusters: int, seed: int = 0) -> None:
-    from pipeline.batch import OK, EmbeddedBatch, SampleRow
-    from pipeline.writer import ShardWriter, check_or_write_manifest, committed_shards, new_manifest, update_manifest
+    from pipeline.embed.batch import OK, EmbeddedBatch, SampleRow
+    from pipeline.embed.writer import (
+        ShardWriter,
+        check_or_write_manifest,
+        committed_shards,
+        new_manifest,
+        update_manifest,
+    )
 
     n_shards = -(-n // per_shard)
     if len(committed_shards(str(root))) == n_shards:
@@ -83,10 +89,10 @@ def main() -> None:
     p.add_argument("--data", default="/tmp/clipline-bench-index")
     args = p.parse_args()
 
-    from pipeline.config import load_config
-    from pipeline.index import build
-    from pipeline.logs import setup_logging
-    from pipeline.search import Searcher
+    from pipeline.core.config import load_config
+    from pipeline.core.logs import setup_logging
+    from pipeline.index.stage import build
+    from pipeline.query.search import Searcher
 
     setup_logging("WARNING")
     data = Path(args.data) / f"n{args.n}-d{args.dim}-c{args.clusters}"

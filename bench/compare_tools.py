@@ -30,14 +30,14 @@ peak RSS is that of the largest process in its tree (ru_maxrss of a small wrappe
    cosine of the two tools' image and text embeddings per key, and whether embedding-reader (what autofaiss and
    clip-retrieval's own index read with) reads both outputs.
 2. download vs img2dataset called directly: the 1,000 loopback URLs of bench/download_1000.py (5% bad), served
-   by pipeline.httpserver. The direct run calls img2dataset.download() with exactly the keyword arguments
-   clipline derives from the same settings (pipeline.download.img2dataset_kwargs), so what differs is
+   by pipeline.run.httpserver. The direct run calls img2dataset.download() with exactly the keyword arguments
+   clipline derives from the same settings (pipeline.download.stage.img2dataset_kwargs), so what differs is
    clipline's wrapper: URL-list checks, repair, per-URL accounting, run record. Reported: URLs/s over the
    command and inside shards, and whether both outputs agree URL by URL (status, failure reason).
 3. index vs autofaiss.build_index directly: generated clustered float16 embeddings (bench_index.generate),
    the same memory budget, memory available, index key (autofaiss's choice unless --index-key), query-time
    budget and faiss threads; autofaiss reads img_emb/ itself, as `clip-retrieval index` does. Both indices are
-   then measured by the same code (pipeline.index_quality.measure, with each side's index_param applied):
+   then measured by the same code (pipeline.index.quality.measure, with each side's index_param applied):
    recall@10/@100 against exact search and single-query latency.
 """
 
@@ -199,8 +199,8 @@ def agreement(cl_out: Path, cr_out: Path) -> dict[str, Any]:
 
 def clipline_index_accepts(cr_out: Path, work: Path) -> str:
     """Whether `clipline index` takes clip-retrieval's output folder (it needs the embed manifest)."""
-    from pipeline.config import load_config
-    from pipeline.index import build
+    from pipeline.core.config import load_config
+    from pipeline.index.stage import build
 
     cfg = load_config([f"input={cr_out}", f"output={work / 'ix-of-cr'}", "index.recall_queries=10"])
     try:
@@ -253,7 +253,15 @@ def compare_embed(args: argparse.Namespace, work: Path) -> None:
         outs = {CL: work / f"emb_cl{rep}", "cr": work / f"emb_cr{rep}"}
         for side in order(rep, "cr"):
             if side == CL:
-                cmd = [sys.executable, "-m", "pipeline.cli", "embed", f"input={inp}", f"output={outs[CL]}", *cl_model]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pipeline.cli",
+                    "embed",
+                    f"input={inp}",
+                    f"output={outs[CL]}",
+                    *cl_model,
+                ]
                 cmd += [f"embed.batch_size={args.batch}", "embed.output_dtype=float16", "model.precision=fp32"]
                 cmd += ["model.device=cpu", "local.processes=1", f"local.threads={t}", f"embed.decode_threads={w}"]
                 cmd += ["log_level=WARNING"]
@@ -295,7 +303,7 @@ def download_outcome(out: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.download import classify_error
+    from pipeline.download.stage import classify_error
 
     t = pa.concat_tables(pq.read_table(p, columns=["url", "status", "error_message"]) for p in out.glob("*.parquet"))
     per_url = {
@@ -316,9 +324,9 @@ def compare_download(args: argparse.Namespace, work: Path) -> None:
     import pyarrow.parquet as pq
     from download_1000 import make_site
 
-    from pipeline.config import load_config
-    from pipeline.download import img2dataset_kwargs, plan_input
-    from pipeline.httpserver import serve_directory
+    from pipeline.core.config import load_config
+    from pipeline.download.stage import img2dataset_kwargs, plan_input
+    from pipeline.run.httpserver import serve_directory
 
     print("\n== 2. download vs img2dataset ==", flush=True)
     names = make_site(work / "dl")[: args.urls]
@@ -381,7 +389,7 @@ def compare_download(args: argparse.Namespace, work: Path) -> None:
 def measured(index_path: Path, index_param: str | None, blocks: Any, queries: int) -> dict[str, Any]:
     import faiss
 
-    from pipeline.index_quality import measure
+    from pipeline.index.quality import measure
 
     index = faiss.read_index(str(index_path))
     if index_param:
@@ -401,8 +409,8 @@ def compare_index(args: argparse.Namespace, work: Path) -> None:
     import faiss
     from bench_index import generate
 
-    from pipeline.index_quality import read_shard
-    from pipeline.writer import committed_shards
+    from pipeline.embed.writer import committed_shards
+    from pipeline.index.quality import read_shard
 
     print("\n== 3. index vs autofaiss ==", flush=True)
     data = Path(args.index_data) / f"n{args.n}-d{args.dim}-c{args.clusters}"

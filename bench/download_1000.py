@@ -2,7 +2,7 @@
 
     python bench/download_1000.py [--processes 2] [--threads 32] [--keep DIR]
 
-Images are the demo dataset's real photos and variants (pipeline.demo_data), copied under 1,000 names
+Images are the demo dataset's real photos and variants (pipeline.run.demo_data), copied under 1,000 names
 and served from 127.0.0.1; no network is used.
 """
 
@@ -26,7 +26,7 @@ N_URLS, N_404, N_HTML = 1000, 30, 20
 
 def make_site(root: Path) -> list[str]:
     """1,000 URL paths: N_404 missing files, N_HTML HTML pages named .jpg, the rest real JPEGs."""
-    from pipeline.demo_data import build_demo_dataset
+    from pipeline.run.demo_data import build_demo_dataset
 
     demo = build_demo_dataset(root / "demo")
     photos = sorted(
@@ -61,8 +61,8 @@ def main() -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.cli import main as clipline
-    from pipeline.httpserver import serve_directory
+    from pipeline.cli.main import main as clipline
+    from pipeline.run.httpserver import serve_directory
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="clipline-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def main() -> int:
                 ]
             )
             wall = time.perf_counter() - t0
-        from pipeline.runinfo import read_record
+        from pipeline.core.runinfo import read_record
 
         record = read_record(str(out))
         assert record is not None, f"no run record under {out}"

@@ -23,8 +23,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.writer import committed_shards  # noqa: E402
-from tests.helpers import make_shards, make_tiny_checkpoint, overrides  # noqa: E402
+from pipeline.embed.writer import committed_shards  # noqa: E402
+from tests.support.helpers import make_shards, make_tiny_checkpoint, overrides  # noqa: E402
 
 
 def main() -> None:

@@ -8,6 +8,6 @@ if __name__ == "__main__":
         import pipeline  # noqa: F401
     except ImportError:  # running from a checkout without installing (e.g. spark-submit --py-files)
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     sys.exit(main(["demo", *sys.argv[1:]]))

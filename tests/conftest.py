@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import make_tiny_checkpoint  # noqa: E402
+from tests.support.helpers import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

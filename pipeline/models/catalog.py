@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from pipeline.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def list_models_cli(cfg: "Config", family: str | None = None) -> str:
         elif fam == "hf":
             blocks.append(_hub_section(cache_dir))
         else:
-            from pipeline.config import ConfigError
+            from pipeline.core.config import ConfigError
 
             raise ConfigError(f"--family {fam!r}: expected offline, open_clip or hf")
     hub_cache = cache_dir or _default_hub_cache()

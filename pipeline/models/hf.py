@@ -17,7 +17,7 @@ from pipeline.models.quantize import quantize_int8
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipeline.config import ModelConfig
+    from pipeline.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.models import ModelLoadError, register_fingerprint, sha256_file
 
 if TYPE_CHECKING:
-    from pipeline.config import ModelConfig
+    from pipeline.core.config import ModelConfig
 
 HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 HF_HINT = (

@@ -33,7 +33,7 @@ from pipeline.models import (
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipeline.config import ModelConfig
+    from pipeline.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pipeline.models.quantize import linearize_self_attention, quantize_int8, qu
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipeline.config import ModelConfig
+    from pipeline.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

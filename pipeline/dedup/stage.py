@@ -1,0 +1,370 @@
+"""The dedup stage: exact (same image bytes) and near (image-embedding cosine) duplicate groups of an embed output,
+one survivor per group by a keep policy, and keep/drop lists keyed by sample key.
+
+Why dedup.threshold defaults to 0.95: on CLIP image embeddings, resized, re-encoded or lightly cropped copies of
+one photo stay well above 0.95 while different photos of similar scenes mostly fall below it (the range SemDeDup
+and LAION-style deduplication work in). That rests on published practice, not on a measurement here: no pretrained
+ViT-B-32 weights are reachable offline. What the tests measure is the search itself on synthetic unit vectors
+(tests/dedup/test_neighbors.py, 20k x 512): planted copies at ~0.95-0.99 of each other come out as whole groups (all of
+them with exact search, >= 98% with IVF and SemDeDup) and distractors at 0.90-0.93 are never joined. Calibrate on
+your own labelled pairs with `calibrate()` before trusting 0.95 for another model.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.config import Config, ConfigError, DedupConfig, require
+from pipeline.core.logs import timed
+from pipeline.core.workdir import work_folder
+from pipeline.dedup import materialize as mat
+from pipeline.dedup import neighbors as nb
+from pipeline.dedup import semdedup
+from pipeline.dedup.vectors import Embeddings, naming_timeout
+from pipeline.embed.batch import OK
+
+log = logging.getLogger(__name__)
+
+# Drop reasons, lowest precedence first: a sample dropped for several reasons reports the last that applies.
+REASONS = ("near", "exact", "low_clip_score", "near_reference", "not_embedded")
+# Auto mode runs exact search only while its n*n*d multiply-adds stay under this: ~2 minutes on 2 CPU cores.
+EXACT_MAX_WORK = {"cpu": 1e13, "gpu": 1e15}
+# Queries brute-forced to tune IVF's nprobe, and as many again (another sample) to estimate IVF/SemDeDup recall.
+RECALL_SAMPLE = 1000
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4G' -> 4 GiB; plain integers are bytes."""
+    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = s[-1] if s and s[-1] in _UNITS else ""
+    try:
+        return int(float(s[: len(s) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size (for example 4G, 512M)") from None
+
+
+def choose_mode(mode: str, n: int, d: int, budget: int, gpus: int = 0) -> str:
+    """auto: exact while the flat float32 array fits the budget and its n*n*d work is small; then IVF on a GPU
+    while it fits; otherwise SemDeDup, which streams clusters from disk and fits any budget. Measured at 1M x 512
+    on 2 shared CPU cores (bench/bench_dedup.py): SemDeDup 66 s / 0.9 GB, IVF 323 s / 2.4 GB (its per-query list
+    scans are slow on CPU), exact ~1.5-2 h extrapolated from 100k."""
+    if mode != "auto":
+        return mode
+    if n * d * 4 <= budget and float(n) * n * d <= EXACT_MAX_WORK["gpu" if gpus else "cpu"]:
+        return "exact"
+    return "ivf" if gpus and n * d * 4 <= budget else "semdedup"
+
+
+def exact_pairs(sha256: pd.Series, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (first row with a hash, every later row with the same hash): identical image bytes."""
+    codes, _ = pd.factorize(sha256)
+    rows = np.flatnonzero(eligible & (codes >= 0))
+    order = rows[np.argsort(codes[rows], kind="stable")]
+    c = codes[order]
+    heads = np.r_[True, c[1:] != c[:-1]] if len(c) else np.zeros(0, bool)
+    first_of = order[heads][np.cumsum(heads) - 1]
+    dup = ~heads
+    return first_of[dup], order[dup]
+
+
+def keeper_rank(rows: pd.DataFrame, keep: str, eligible: np.ndarray) -> np.ndarray:
+    """Rank of every row as a group survivor (0 = best): eligible first, then the policy, then (shard, index)."""
+    if keep == "first":
+        policy = np.zeros(len(rows))
+    elif keep == "largest":
+        policy = -(rows["width"].fillna(0).to_numpy(np.float64) * rows["height"].fillna(0).to_numpy(np.float64))
+    elif keep == "clip_score":
+        policy = -rows["clip_score"].to_numpy(np.float64, na_value=np.nan)
+        policy = np.where(np.isnan(policy), np.inf, policy)
+    elif keep == "shortest_url":
+        policy = rows["url"].map(lambda u: len(u) if isinstance(u, str) else np.inf).to_numpy(np.float64)
+    else:
+        raise ConfigError(f"dedup.keep: unknown policy {keep!r}")
+    order = np.lexsort((rows["index"].to_numpy(), rows["shard"].cat.codes.to_numpy(), policy, ~eligible))
+    rank = np.empty(len(rows), np.int64)
+    rank[order] = np.arange(len(rows))
+    return rank
+
+
+def assign_groups(n: int, a: np.ndarray, b: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components of the duplicate pairs: (member rows, group id per member, keeper row per member);
+    group ids count from 0 in order of each group's first row."""
+    labels = nb.connected_components(n, a, b)
+    sizes = np.bincount(labels, minlength=n)
+    members = np.flatnonzero(sizes[labels] > 1)
+    _, group = np.unique(labels[members], return_inverse=True)
+    order = np.lexsort((rank[members], group))
+    heads = np.r_[True, group[order][1:] != group[order][:-1]] if len(order) else np.zeros(0, bool)
+    keeper_of_group = members[order][heads]
+    return members, group.astype(np.int64), keeper_of_group[group]
+
+
+def drop_filters(rows: pd.DataFrame, dc: DedupConfig, near_reference: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks of rows dropped whatever their group: not embedded, low clip score, near the reference set."""
+    out = {"not_embedded": (rows["status"] != OK).to_numpy(), "near_reference": near_reference}
+    if dc.min_clip_score is not None:
+        score = rows["clip_score"].to_numpy(np.float64, na_value=np.nan)
+        out["low_clip_score"] = score < dc.min_clip_score  # no score (no caption) is not a low score
+    return out
+
+
+def calibrate(similarities: np.ndarray, labels: np.ndarray, thresholds: np.ndarray | None = None) -> pd.DataFrame:
+    """Precision and recall of `similarity >= threshold` as a duplicate test, over pairs labelled True (duplicate)
+    or False; one row per threshold (default 0.80 to 1.00 by 0.005), for choosing dedup.threshold."""
+    sims = np.asarray(similarities, np.float64)
+    truth = np.asarray(labels, bool)
+    if sims.shape != truth.shape:
+        raise ValueError(f"similarities {sims.shape} and labels {truth.shape} differ in shape")
+    grid = np.round(np.arange(0.80, 1.0001, 0.005), 3) if thresholds is None else np.asarray(thresholds, np.float64)
+    rows = []
+    for t in grid:
+        pred = sims >= t
+        tp = int((pred & truth).sum())
+        precision = tp / pred.sum() if pred.any() else np.nan
+        recall = tp / truth.sum() if truth.any() else np.nan
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        rows.append(
+            {
+                "threshold": float(t),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "predicted": int(pred.sum()),
+                "true_positives": tp,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def decide(
+    emb: Embeddings, a: np.ndarray, b: np.ndarray, dc: DedupConfig, near_reference: np.ndarray
+) -> dict[str, pd.DataFrame]:
+    """Group rows joined by pairs (a, b), pick each group's survivor, apply the filters; the three output tables."""
+    rows, n = emb.rows, len(emb.rows)
+    filters = drop_filters(rows, dc, near_reference)
+    eligible = ~(filters.get("low_clip_score", np.zeros(n, bool)) | filters["near_reference"])
+    members, group, keeper = assign_groups(n, a, b, keeper_rank(rows, dc.keep, eligible))
+    vector_of = np.full(n, -1, np.int64)
+    vector_of[emb.row_of] = np.arange(len(emb.row_of))
+    _, sim = nb.verify(emb.vectors, vector_of[members], emb.vectors, vector_of[keeper], -np.inf)
+    is_keeper = members == keeper
+    sim[is_keeper] = 1.0
+    sha = rows["sha256"].to_numpy(object) if "sha256" in rows else np.full(n, None, object)
+    exact = pd.notna(sha[members]) & (sha[members] == sha[keeper])
+    group_near = np.zeros(group.max() + 1 if len(group) else 0, bool)
+    np.logical_or.at(group_near, group, ~exact)
+    member_reason = np.where(is_keeper, np.where(group_near[group], "near", "exact"), np.where(exact, "exact", "near"))
+    reason = np.full(n, None, object)
+    reason[members[~is_keeper]] = member_reason[~is_keeper]
+    for name in REASONS[2:]:
+        if name in filters:
+            reason[filters[name]] = name
+    dropped = pd.notna(reason)
+    key, shard = rows["key"].to_numpy(object), rows["shard"].astype(str).to_numpy(object)
+    in_group = np.zeros(n, bool)
+    in_group[members] = True
+    return {
+        "duplicates": pd.DataFrame(
+            {
+                "key": key[members],
+                "shard": shard[members],
+                "group_id": group,
+                "kept": ~dropped[members],
+                "matched_key": key[keeper],
+                "similarity": sim.astype(np.float32),
+                "reason": member_reason,
+            }
+        ),
+        "keep": pd.DataFrame(
+            {
+                "key": key[~dropped],
+                "shard": shard[~dropped],
+                "reason": np.where(in_group[~dropped], "group_keeper", "unique"),
+            }
+        ),
+        "drop": pd.DataFrame({"key": key[dropped], "shard": shard[dropped], "reason": reason[dropped].astype(str)}),
+    }
+
+
+def near_search(vs: nb.VectorSet, dc: DedupConfig, budget: int, workdir: str) -> nb.SearchResult:
+    """Run the configured search; IVF and SemDeDup also get a brute-force recall estimate on sample queries."""
+    import faiss
+
+    mode = choose_mode(dc.mode, vs.n, vs.d, budget, faiss.get_num_gpus())
+    if mode in ("exact", "ivf") and vs.n * vs.d * 4 > budget:
+        # exact: the float32 flat index; ivf: float16 codes in lists that grow by doubling
+        raise ConfigError(
+            f"dedup.mode={mode}: {vs.n} x {vs.d} vectors need {vs.n * vs.d * 4 / 2**30:.1f} GiB, "
+            f"over dedup.memory_budget={dc.memory_budget} (mode=semdedup fits any budget)"
+        )
+    if vs.n < 2:
+        return nb.SearchResult(nb.Pairs(), np.full(vs.n, -np.inf, np.float32), mode)
+    if mode == "exact":
+        return nb.search_exact(vs, dc.threshold, dc.k)
+    if mode == "ivf":
+        result = nb.search_ivf(vs, dc.threshold, dc.k, nb.sample_truth(vs, dc.threshold, RECALL_SAMPLE, seed=0))
+    else:
+        result = semdedup.search_semdedup(vs, dc.threshold, dc.semdedup_clusters, workdir)
+    # brute force on a sample of its own, so the estimate is not the one the tuning was chosen on
+    result.params.update(nb.recall_report(result.pairs, nb.sample_truth(vs, dc.threshold, RECALL_SAMPLE, seed=1), vs.n))
+    return result
+
+
+def reference_matches(emb: Embeddings, ref: Embeddings, dc: DedupConfig, budget: int) -> pd.DataFrame:
+    """Samples of the input whose nearest reference sample reaches the threshold (exact cosine verified)."""
+    rv = ref.vectors
+    if rv.n == 0 or emb.vectors.n == 0:
+        return pd.DataFrame(columns=["row", "reference_key", "reference_shard", "similarity"])
+    if rv.n * rv.d * 4 <= budget:
+        index = nb.build_flat(rv)
+    else:  # a reference too big for exact search: IVF probing generously (one query per input sample)
+        index = nb.build_ivf(rv, nb.ivf_nlist(rv.n))
+        nb.set_nprobe(index, min(64, nb.ivf_nlist(rv.n)))
+    q, j = [], []
+    for start, x in emb.vectors.blocks(16384):
+        r, jj, _ = nb.knn_hits(index, x, 1, dc.threshold - nb.SLACK)
+        q.append(start + r)
+        j.append(jj)
+    qa, ja = np.concatenate(q).astype(np.int64), np.concatenate(j).astype(np.int64)
+    ok, sim = nb.verify(emb.vectors, qa, rv, ja, dc.threshold)
+    ref_rows = ref.rows.iloc[ref.row_of[ja[ok]]]
+    return pd.DataFrame(
+        {
+            "row": emb.row_of[qa[ok]],
+            "reference_key": ref_rows["key"].to_numpy(object),
+            "reference_shard": ref_rows["shard"].astype(str).to_numpy(object),
+            "similarity": sim[ok],
+        }
+    )
+
+
+def plan(cfg: Config) -> tuple[str, str, int]:
+    """Check the configuration before any work: (input folder, output folder, memory budget in bytes)."""
+    require(cfg, "input")
+    if not isinstance(cfg.input, str):
+        raise ConfigError("input: dedup reads one embed output folder, not a list")
+    dc = cfg.dedup
+    try:
+        budget = parse_bytes(dc.memory_budget)
+    except ValueError as e:
+        raise ConfigError(f"dedup.memory_budget: {e}") from None
+    if dc.materialize and not dc.shards:
+        raise ConfigError(
+            "dedup.shards: required when dedup.materialize=true (the WebDataset shards that were embedded)"
+        )
+    folder = cfg.input.rstrip("/")
+    return folder, (cfg.output or posixpath.join(folder, "dedup")).rstrip("/"), budget
+
+
+def _open_reference(dc: DedupConfig, emb: Embeddings, workdir: str, read_timeout_s: float) -> Embeddings:
+    assert dc.reference is not None
+    ref = Embeddings(dc.reference, [], workdir, read_timeout_s)
+    mine, theirs = emb.manifest.get("model"), ref.manifest.get("model")
+    if mine != theirs or emb.vectors.d != ref.vectors.d:
+        raise ConfigError(f"dedup.reference: {dc.reference} was embedded with another model ({theirs} vs {mine})")
+    return ref
+
+
+def write_outputs(
+    emb: Embeddings,
+    tables: dict[str, pd.DataFrame],
+    matches: pd.DataFrame | None,
+    found: nb.SearchResult,
+    dc: DedupConfig,
+    output: str,
+) -> dict[str, Any] | None:
+    """Every output but summary.json, each file by temporary name and rename; the earlier run's summary.json (the
+    commit marker) is removed first. Returns what materialize wrote, if it ran."""
+    mat.uncommit(output)
+    for name in ("duplicates", "keep", "drop"):
+        mat.put_table(tables[name], posixpath.join(output, f"{name}.parquet"), mat.SCHEMAS[name])
+    if matches is not None:
+        rows = emb.rows.iloc[matches["row"].to_numpy(np.int64)]
+        matches = matches.drop(columns="row").assign(
+            key=rows["key"].to_numpy(object), shard=rows["shard"].astype(str).to_numpy(object)
+        )
+        mat.put_table(matches, posixpath.join(output, "reference_matches.parquet"), mat.SCHEMAS["reference_matches"])
+    mat.write_histogram(found.nn_sim, dc.threshold, posixpath.join(output, "similarity_hist.png"), found.method)
+    if not dc.materialize:
+        return None
+    return mat.materialize(emb.folder, emb.shards, dc.shards, output, tables["keep"])
+
+
+def dedup(cfg: Config) -> dict[str, Any]:
+    """Run the dedup stage on an embed output; writes OUTPUT/{duplicates,keep,drop}.parquet, similarity_hist.png
+    (plus filtered shards and urls.parquet with dedup.materialize) and summary.json last, the commit marker: the
+    other files are this run's only when it exists. Returns the summary."""
+    folder, output, budget = plan(cfg)
+    dc = cfg.dedup
+    columns = ["sha256", "clip_score"] + {"largest": ["width", "height"], "shortest_url": ["url"]}.get(dc.keep, [])
+    t0, timings = time.perf_counter(), {}
+    timeout = dc.read_timeout_s
+    with work_folder("dedup") as workdir, naming_timeout("dedup.read_timeout_s"):
+        emb = Embeddings(folder, columns, workdir, timeout)
+        ref = _open_reference(dc, emb, workdir, timeout) if dc.reference else None
+        vs = emb.vectors
+        log.info("dedup: %d samples, %d embedded, dim %d, threshold %.3f", len(emb), vs.n, vs.d, dc.threshold)
+        with timed("near-duplicate search", log) as tm:
+            found = near_search(vs, dc, budget, workdir)
+        timings["near_search"] = tm["seconds"]
+        a, b = emb.row_of[found.pairs.a], emb.row_of[found.pairs.b]
+        ok = (emb.rows["status"] == OK).to_numpy()
+        ea, eb = exact_pairs(emb.rows["sha256"], ok) if dc.exact else (np.zeros(0, np.int64),) * 2
+        near_ref = np.zeros(len(emb), bool)
+        matches = None
+        if ref is not None:
+            with timed("reference search", log) as tm:
+                matches = reference_matches(emb, ref, dc, budget)
+            timings["reference_search"] = tm["seconds"]
+            near_ref[matches["row"].to_numpy(np.int64)] = True
+        tables = decide(emb, np.concatenate([a, ea]), np.concatenate([b, eb]), dc, near_ref)
+        with timed("write outputs", log) as tm:
+            materialized = write_outputs(emb, tables, matches, found, dc, output)
+        timings["write"] = tm["seconds"]
+    summary = build_summary(emb, found, tables, dc, len(ea), materialized, output)
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    summary["time_split_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    mat.put_json(summary, posixpath.join(output, mat.SUMMARY))
+    return summary
+
+
+def build_summary(
+    emb: Embeddings,
+    found: nb.SearchResult,
+    tables: dict[str, pd.DataFrame],
+    dc: DedupConfig,
+    exact_pairs_count: int,
+    materialized: dict[str, Any] | None,
+    output: str,
+) -> dict[str, Any]:
+    dup, kept, dropped = tables["duplicates"], tables["keep"], tables["drop"]
+    params = dict(found.params)
+    recall = {k: params.pop(k, None) for k in ("recall_estimate", "group_recall_estimate", "recall_sample_pairs")}
+    out: dict[str, Any] = {
+        "samples": len(emb),
+        "samples_embedded": emb.vectors.n,
+        "method": found.method,
+        "threshold": dc.threshold,
+        "keep_policy": dc.keep,
+        "groups": int(dup["group_id"].nunique()),
+        "samples_in_groups": len(dup),
+        "near_pairs": len(found.pairs),
+        "exact_pairs": exact_pairs_count,
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "dropped_by_reason": {r: int(c) for r, c in dropped["reason"].value_counts().sort_index().items()},
+        "fraction_kept": round(len(kept) / len(emb), 6) if len(emb) else None,
+        **recall,
+        "search": params,
+        "output": output,
+    }
+    if materialized is not None:
+        out["materialized"] = materialized
+    return out

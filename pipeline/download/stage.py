@@ -1,0 +1,333 @@
+"""`clipline download`: validate a URL list, run img2dataset into WebDataset shards, account for every URL."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.pool import ThreadPool
+from typing import Any
+
+import fsspec
+
+from pipeline.core.config import Config, ConfigError
+from pipeline.core.summary import JobFailed
+from pipeline.download.urllist import FORMATS, InputPlan, format_of, plan_input  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
+
+STATS_RE = re.compile(r"^(\d+)_stats\.json$")
+LEGACY_ASIDE = ".clipline_aside"  # where versions before the run record moved to _clipline/ set run.json aside
+
+
+def expected_shards(rows_per_file: list[int], per_shard: int) -> dict[int, int]:
+    """Shard id -> URL count, numbered as img2dataset's reader numbers them (consecutively across files)."""
+    out: dict[int, int] = {}
+    start = 0
+    for n in rows_per_file:
+        n_shards = math.ceil(n / per_shard)
+        for i in range(n_shards):
+            out[start + i] = min(per_shard, n - i * per_shard)
+        start += n_shards
+    return out
+
+
+def classify_error(message: str | None) -> str:
+    """Fold img2dataset's free-text error messages into a few reasons that can be counted."""
+    msg = (message or "").strip()
+    low = msg.lower()
+    m = re.search(r"http error (\d{3})", low)
+    if m:
+        return f"http {m.group(1)}"
+    rules = (
+        (("timed out", "timeout"), "timeout"),
+        (("image decoding error", "cannot identify image", "imdecode"), "cannot decode image"),
+        (("connection refused",), "connection refused"),
+        (("connection reset", "remote end closed", "remotedisconnected", "incompleteread"), "connection closed"),
+        (("name or service not known", "nodename nor servname", "getaddrinfo"), "dns"),
+        (("ssl", "certificate"), "ssl"),
+        (("x-robots-tag",), "disallowed by X-Robots-Tag"),
+        (("image too small",), "image too small"),
+        (("image area too large",), "image area too large"),
+        (("aspect ratio too large",), "aspect ratio too large"),
+        (("hash mismatch",), "hash mismatch"),
+        (("unknown url type", "no host given"), "bad url"),
+    )
+    for needles, reason in rules:
+        if any(n in low for n in needles):
+            return reason
+    return f"other: {msg[:80]}" if msg else "other: no message"
+
+
+def _stats_files(fs: Any, root: str) -> dict[int, str]:
+    """Shard id -> its _stats.json path: img2dataset writes it last, so it marks a completed shard."""
+    if not fs.exists(root):
+        return {}
+    out = {}
+    for p in fs.glob(root.rstrip("/") + "/*_stats.json"):
+        m = STATS_RE.match(posixpath.basename(p))
+        if m:
+            out[int(m.group(1))] = p
+    return out
+
+
+def _repair_after_kill(fs: Any, root: str) -> None:
+    """Undo what a killed run can leave: torn stats files (img2dataset writes them in place); and move an earlier
+    version's run record out of img2dataset's way."""
+    if not fs.exists(root):
+        return
+    _move_legacy_record(fs, root)
+    for sid, p in _stats_files(fs, root).items():
+        try:
+            with fs.open(p, "r") as f:
+                json.load(f)
+        except ValueError:
+            log.warning("shard %05d: torn stats file from an interrupted run; the shard will be redone", sid)
+            stem = p[: -len("_stats.json")]
+            for q in (p, stem + ".tar", stem + ".parquet"):
+                if fs.exists(q):
+                    fs.rm(q)
+
+
+def _move_legacy_record(fs: Any, root: str) -> None:
+    """Earlier versions kept the download run.json beside the shards (and in .clipline_aside/ while img2dataset ran),
+    where img2dataset takes it for a stats file: move it to where the record lives now (runinfo.record_path)."""
+    from pipeline.core.runinfo import RUN_JSON, record_path
+
+    dest = record_path(root, "download")
+    for old in (posixpath.join(root, LEGACY_ASIDE, RUN_JSON), posixpath.join(root, RUN_JSON)):
+        if fs.exists(old):
+            fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+            fs.mv(old, dest)
+    aside = posixpath.join(root, LEGACY_ASIDE)
+    if fs.exists(aside):
+        for p in fs.ls(aside, detail=False):  # anything else set aside by an earlier version goes back
+            if not fs.exists(posixpath.join(root, posixpath.basename(p))):
+                fs.mv(p, posixpath.join(root, posixpath.basename(p)))
+        fs.rm(aside, recursive=True)
+
+
+def _check_no_foreign_json(fs: Any, root: str) -> None:
+    """img2dataset's incremental mode takes every OUTPUT/*.json for a shard's stats file and parses its name as a
+    shard number: refuse, before any work, a folder where that would crash."""
+    foreign = sorted(
+        posixpath.basename(p)
+        for p in fs.glob(root.rstrip("/") + "/*.json")
+        if not STATS_RE.match(posixpath.basename(p))
+    )
+    if foreign:
+        raise ConfigError(
+            f"output: {root} holds {', '.join(foreign[:3])}, which img2dataset would take for a shard's stats file "
+            "(it reads every *.json of its output folder); move it out of the download output"
+        )
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """img2dataset and its spawned workers print progress on stdout, which is reserved for the summary."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (embedded interpreter): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def img2dataset_kwargs(cfg: Config, plan: InputPlan) -> dict[str, Any]:
+    """The keyword arguments of img2dataset.download() for this config."""
+    dl = cfg.download
+    return dict(
+        url_list=plan.url_list,
+        output_folder=cfg.output,
+        input_format=plan.input_format,
+        url_col=dl.url_col,
+        caption_col=plan.caption_col,
+        save_additional_columns=list(dl.save_additional_columns) or None,
+        image_size=dl.image_size,
+        resize_mode=dl.resize_mode,
+        resize_only_if_bigger=dl.resize_only_if_bigger,
+        encode_format=dl.encode_format,
+        encode_quality=dl.encode_quality,
+        output_format=dl.output_format,
+        processes_count=dl.processes_count,
+        thread_count=dl.thread_count,
+        number_sample_per_shard=dl.number_sample_per_shard,
+        retries=dl.retries,
+        timeout=dl.timeout,
+        min_image_size=dl.min_image_size,
+        max_aspect_ratio=float("inf") if dl.max_aspect_ratio is None else dl.max_aspect_ratio,
+        incremental_mode="incremental" if dl.incremental else "overwrite",
+        user_agent_token=dl.user_agent_token,
+        enable_wandb=False,
+        compute_hash="sha256",
+        distributor="pyspark" if cfg.distributor == "spark" else "multiprocessing",
+    )
+
+
+def _run_img2dataset(cfg: Config, kwargs: dict[str, Any]) -> None:
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # before the import: albumentations phones home otherwise
+    os.environ["WANDB_MODE"] = "disabled"
+    import img2dataset
+    from img2dataset.logger import LoggerProcess
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        with contextlib.ExitStack() as stack:
+            if cfg.distributor == "spark":
+                from pipeline.distribute.spark import spark_session
+
+                # img2dataset's pyspark distributor runs on the active session; stopped after only if made here.
+                stack.enter_context(spark_session(cfg))
+            stack.enter_context(_stdout_to_stderr())
+            img2dataset.download(**kwargs)
+    except SystemExit as e:
+        # img2dataset's SIGINT handler calls sys.exit(0): an interrupted job must not look successful.
+        raise KeyboardInterrupt from e
+    except Exception as e:
+        raise JobFailed(f"img2dataset failed: {type(e).__name__}: {e}") from e
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        # After an exception img2dataset never stops its logger process, which would hang interpreter exit.
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            if isinstance(child, LoggerProcess):
+                child.terminate()
+                child.join(timeout=5)
+
+
+def _check_done_shards(fs: Any, root: str, expected: dict[int, int], done: set[int]) -> None:
+    """Completed shards must match the plan; otherwise incremental mode would skip the wrong URLs."""
+    import json
+
+    stats = _stats_files(fs, root)
+    for s in sorted(done & set(expected)):
+        with fs.open(stats[s], "r") as f:
+            count = int(json.load(f).get("count", -1))
+        if count != expected[s]:
+            raise ConfigError(
+                f"download.number_sample_per_shard: shard {s} in {root} holds {count} URLs but this URL list and "
+                f"shard size give it {expected[s]}; the input or shard size changed since it was written. "
+                "Use a new output folder or download.incremental=false (which deletes the old shards)"
+            )
+
+
+def _count_shard(fs: Any, parquet_path: str) -> tuple[int, collections.Counter[str]]:
+    import pyarrow.parquet as pq
+
+    with fs.open(parquet_path, "rb") as f:
+        table = pq.read_table(f, columns=["status", "error_message"])
+    ok = 0
+    reasons: collections.Counter[str] = collections.Counter()
+    for status, err in zip(table.column("status").to_pylist(), table.column("error_message").to_pylist(), strict=True):
+        if status == "success":
+            ok += 1
+        else:
+            reasons[classify_error(err)] += 1
+    return ok, reasons
+
+
+def summarize(
+    fs: Any, root: str, plan: InputPlan, expected: dict[int, int], before: set[int], seconds: float
+) -> dict[str, Any]:
+    """Build the job summary from img2dataset's per-shard parquet and stats files."""
+    import json
+
+    stats_paths = _stats_files(fs, root)
+    done = sorted(set(stats_paths) & set(expected))
+    parquets = [stats_paths[s][: -len("_stats.json")] + ".parquet" for s in done]
+    with ThreadPool(min(16, max(1, len(parquets)))) as pool:  # remote filesystems: overlap the round trips
+        counts = pool.map(lambda p: _count_shard(fs, p), parquets)
+    written = 0
+    reasons: collections.Counter[str] = collections.Counter()
+    for ok, r in counts:
+        written += ok
+        reasons.update(r)
+    new = [s for s in done if s not in before]
+    urls_this_run = 0
+    for s in new:
+        with fs.open(stats_paths[s], "r") as f:
+            urls_this_run += int(json.load(f).get("count", 0))
+    failed = sum(reasons.values())
+    summary: dict[str, Any] = {
+        "urls_in": plan.urls_in,
+        "images_written": written,
+        "failed": failed,
+        "failures_by_reason": dict(reasons.most_common()),
+        "shards": len(done),
+        "shards_written": len(new),
+        "shards_skipped": len(done) - len(new),
+        "shards_failed": len(expected) - len(done),
+        "unaccounted": plan.urls_in - written - failed,
+        "seconds": round(seconds, 2),
+        "urls_per_second": round(urls_this_run / seconds, 1) if seconds > 0 else None,
+        "output": root,
+    }
+    if summary["unaccounted"]:
+        log.error(
+            "%d of %d URLs are in no shard's parquet (neither success nor failure)",
+            summary["unaccounted"],
+            plan.urls_in,
+        )
+    return summary
+
+
+def download(cfg: Config) -> dict[str, Any]:
+    """Download cfg.input (a URL list) into WebDataset shards in cfg.output; returns the job summary."""
+    plan = plan_input(cfg)
+    assert cfg.output is not None
+    dl = cfg.download
+    expected = expected_shards(plan.rows_per_file, dl.number_sample_per_shard)
+    fs, root = fsspec.core.url_to_fs(cfg.output)
+    _repair_after_kill(fs, root)
+    before = set(_stats_files(fs, root)) if dl.incremental else set()
+    log.info(
+        "%d URLs from %s -> %d shards in %s (%d already done)",
+        plan.urls_in,
+        plan.url_list,
+        len(expected),
+        cfg.output,
+        len(before & set(expected)),
+    )
+    _check_done_shards(fs, root, expected, before)
+    t0 = time.perf_counter()
+    if expected and set(expected) <= before:
+        log.info("every shard is already done; nothing to download")
+        tmp = root.rstrip("/") + "/_tmp"
+        if fs.exists(tmp):  # img2dataset's work folder, left when a run was killed after its last shard
+            fs.rm(tmp, recursive=True)
+    elif expected:
+        if dl.incremental and fs.exists(root):  # overwrite mode deletes the folder first
+            _check_no_foreign_json(fs, root)
+        _run_img2dataset(cfg, img2dataset_kwargs(cfg, plan))
+    seconds = time.perf_counter() - t0
+    summary = summarize(fs, root, plan, expected, before, seconds)
+    if summary["shards"] == 0:
+        raise JobFailed(f"no shard was written to {cfg.output}", summary)
+    if summary["shards_failed"]:
+        raise JobFailed(
+            f"{summary['shards_failed']} shard(s) failed after img2dataset's retries; "
+            "re-run the same command to retry them",
+            summary,
+        )
+    return summary

@@ -1,0 +1,246 @@
+"""Bytes -> RGB PIL image with a fixed policy (EXIF, every mode, bomb limit), and raw samples -> decoded batches."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import threading
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.embed.batch import OK, DecodedBatch, RawSample, SampleRow
+
+if TYPE_CHECKING:
+    from pipeline.embed.devicedecode import DeviceDecoder
+
+# Our own pixel check runs on the header first; PIL's own guard would only warn or raise with another message.
+Image.MAX_IMAGE_PIXELS = None
+
+# Caption text beyond this many characters cannot change the first 77 tokens in practice; cutting it
+# keeps a 1 MB caption from costing seconds of BPE.
+MAX_CAPTION_CHARS = 20_000
+# BPE cost grows with the square of a word's length; no tokenizer keeps more than ~1,000 words anyway.
+MAX_WORD_CHARS = 256
+MAX_CAPTION_WORDS = 1024
+OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG also opens MPO
+Image.init()  # register every plugin now: open(formats=...) fails on one that is not loaded yet
+
+
+def caption_for_tokenizer(text: str) -> str:
+    """Bound the tokenizer's work without changing the leading tokens it keeps."""
+    if len(text) <= MAX_WORD_CHARS:
+        return text
+    words = text[:MAX_CAPTION_CHARS].split()[:MAX_CAPTION_WORDS]
+    return " ".join(w[:MAX_WORD_CHARS] for w in words)
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; `status` is the reason class written to metadata."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Every Pillow mode to RGB; transparency is composited on `background` (white by default)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif img.mode == "I":
+            arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        else:
+            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: bytes | None,
+    max_pixels: int,
+    background: tuple[int, int, int] = (255, 255, 255),
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode image bytes to RGB; raises SampleError(no_image|empty_image|too_large|decode_error)."""
+    if data is None:
+        raise SampleError("no_image", "sample has no image field")
+    if len(data) == 0:
+        raise SampleError("empty_image", "image file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Only formats that do not decode pixels inside open(): ICO, for one, would decode before our size check.
+            img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise SampleError("too_large", f"{w}x{h} = {w * h} pixels > embed.max_pixels={max_pixels}")
+            if draft_size and img.format == "JPEG" and min(w, h) > 2 * draft_size:
+                # Keep the short side >= 2x the model input so the resize after it sees enough pixels.
+                k = 2 * draft_size / min(w, h)
+                img.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
+            loaded = img.size
+            img.load()
+            img = ImageOps.exif_transpose(img) or img  # type: ignore[assignment]
+            out = to_rgb(img, background)
+            # Record the source size (draft decoding shrinks the pixels, EXIF rotation may swap the sides).
+            swapped = img.size != loaded
+            out.info["source_size"] = (h, w) if swapped else (w, h)
+            return out
+    except SampleError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+        raise SampleError("decode_error", f"{type(e).__name__}: {e}") from None
+
+
+def decode_caption(raw: bytes | str | None) -> tuple[str | None, str]:
+    """Caption bytes -> (text, caption_status); invalid UTF-8 is replaced, not dropped."""
+    if raw is None:
+        return None, "missing"
+    if isinstance(raw, str):
+        return raw, OK
+    try:
+        return raw.decode("utf-8"), OK
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), "invalid_utf8"
+
+
+def _meta_str(meta: dict[str, Any], key: str) -> str | None:
+    v = meta.get(key)
+    return None if v is None else str(v)
+
+
+class BatchDecoder:
+    """Turns a list of RawSamples into a DecodedBatch using the model's preprocess and tokenizer.
+
+    With a `device` decoder (embed.decode=device), plain JPEGs are decoded and preprocessed on the model's device
+    and every other sample, or any JPEG the device fails on, takes the CPU path: the statuses stay the same.
+    """
+
+    def __init__(
+        self,
+        preprocess: Callable[[Image.Image], Any],
+        tokenize: Callable[[list[str]], Any] | None,
+        max_pixels: int,
+        background: tuple[int, int, int],
+        embed_image: bool = True,
+        draft_size: int | None = None,
+        device: "DeviceDecoder | None" = None,
+    ):
+        self.preprocess = preprocess
+        self.tokenize = tokenize
+        self.max_pixels = max_pixels
+        self.background = background
+        self.embed_image = embed_image
+        self.draft_size = draft_size
+        self.device = device
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
+
+    def _row(self, s: RawSample) -> tuple[SampleRow, bool]:
+        """The sample's metadata row, and whether its image is still to be decoded."""
+        caption, caption_status = decode_caption(s.caption)
+        sha = _meta_str(s.meta, "sha256") or (hashlib.sha256(s.image).hexdigest() if s.image else None)
+        row = SampleRow(
+            key=s.key,
+            index=s.index,
+            caption=caption,
+            url=_meta_str(s.meta, "url"),
+            sha256=sha,
+            width=None,
+            height=None,
+            status=OK,
+            error=None,
+            caption_status=caption_status,
+        )
+        if s.error:
+            row.status, row.error = "read_error", s.error
+            return row, False
+        if "_json_error" in s.meta:
+            row.error = "json sidecar is not valid JSON: url/sha256 unknown"
+        return row, self.embed_image
+
+    def _cpu_pixels(self, row: SampleRow, data: bytes | None) -> Any:
+        """The policy path: decode_image + the model's own preprocess; failures become the row's status."""
+        try:
+            img = decode_image(data, self.max_pixels, self.background, self.draft_size)
+            row.width, row.height = img.info.get("source_size", img.size)
+            return self.preprocess(img)
+        except SampleError as e:
+            row.status, row.error = e.status, str(e)
+            return None
+        except Exception as e:  # a preprocess failure is still one sample's problem
+            row.status, row.error = "preprocess_error", f"{type(e).__name__}: {e}"
+            return None
+
+    def decode_one(self, s: RawSample) -> tuple[SampleRow, Any]:
+        row, wants_image = self._row(s)
+        return row, (self._cpu_pixels(row, s.image) if wants_image else None)
+
+    def __call__(self, shard_id: str, samples: list[RawSample]) -> DecodedBatch:
+        import torch
+
+        t0 = time.perf_counter()
+        rows: list[SampleRow] = []
+        pixels: dict[int, Any] = {}
+        deferred: list[tuple[int, tuple[int, int]]] = []  # (position, (w, h)) of JPEGs for the device
+        for i, s in enumerate(samples):
+            row, wants_image = self._row(s)
+            rows.append(row)
+            if not wants_image:
+                continue
+            size = self.device.probe(s.image, self.max_pixels) if self.device is not None else None
+            if size is not None:
+                deferred.append((i, size))
+                continue
+            px = self._cpu_pixels(row, s.image)
+            if px is not None:
+                pixels[i] = px
+        on_device: set[int] = set()
+        if deferred and self.device is not None:
+            crops = self.device.decode([samples[i].image or b"" for i, _ in deferred], [wh for _, wh in deferred])
+            for (i, (w, h)), crop in zip(deferred, crops):
+                if crop is None:  # the device refused it: the CPU policy decides what this sample is
+                    crop = self._cpu_pixels(rows[i], samples[i].image)
+                else:
+                    rows[i].width, rows[i].height = w, h
+                    on_device.add(i)
+                if crop is not None:
+                    pixels[i] = crop
+        text_rows = [i for i, r in enumerate(rows) if r.caption is not None and r.status != "read_error"]
+        tokens = None
+        if self.tokenize is not None and text_rows:
+            texts = [caption_for_tokenizer(rows[i].caption or "") for i in text_rows]
+            with self._tok_lock:
+                tokens = self.tokenize(texts)
+        else:
+            text_rows = []
+        image_rows = sorted(pixels)
+        batch_pixels = None
+        if image_rows and self.device is not None:
+            batch_pixels = self.device.assemble([pixels[i] for i in image_rows], [i in on_device for i in image_rows])
+        elif image_rows:
+            batch_pixels = torch.stack([pixels[i] for i in image_rows])
+        return DecodedBatch(
+            shard_id,
+            rows,
+            batch_pixels,
+            image_rows,
+            tokens,
+            text_rows,
+            time.perf_counter() - t0,
+            device_decoded=len(on_device),
+        )

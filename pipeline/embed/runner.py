@@ -1,0 +1,229 @@
+"""The per-shard loop: read -> decode (thread pool) -> model -> write, timed, with bounded prefetch."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.core.config import Config, EmbedConfig
+from pipeline.embed.batch import OK, DecodedBatch, EmbeddedBatch, RawSample
+from pipeline.embed.decode import BatchDecoder
+from pipeline.embed.plan import ShardTask
+from pipeline.embed.reader import ShardDamaged, iter_samples, threaded
+from pipeline.embed.writer import ShardWriter
+from pipeline.models import EmbeddingModel, load_model
+
+log = logging.getLogger(__name__)
+
+_MODEL_CACHE: dict[str, EmbeddingModel] = {}
+
+
+def get_model(cfg: Config) -> EmbeddingModel:
+    """Load the model once per process (local worker or Spark executor) and reuse it across shards."""
+    key = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        t0 = time.perf_counter()
+        model = load_model(cfg.model)
+        if hasattr(model, "trim_text"):
+            model.trim_text = bool(model.trim_text and cfg.embed.trim_text)
+        _MODEL_CACHE[key] = model
+        if cfg.embed.reuse_memory and model.device.type == "cpu":
+            keep_freed_memory()
+        name = cfg.model.arch if cfg.model.family == "open_clip" else (cfg.model.path or cfg.model.family)
+        log.info("loaded %s model %s in %.1fs on %s", cfg.model.family, name, time.perf_counter() - t0, model.device)
+    return _MODEL_CACHE[key]
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed blocks for reuse instead of returning them to the kernel; False where not glibc.
+
+    A CPU forward allocates and frees the same large activations every batch (39 MB for one ViT-B-32 MLP layer at
+    batch 64). glibc serves blocks above 32 MB with mmap and gives them back on free, so every batch faulted in
+    and zeroed those pages again: ~170,000 page faults per batch, 4% of the time. With mmap off and no trimming,
+    the process's heap keeps them and the next batch reuses them; the peak stays what the batch needs.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (raises AttributeError on musl and others)
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _batched(samples: Iterator[RawSample], size: int) -> Iterator[list[RawSample]]:
+    buf: list[RawSample] = []
+    try:
+        for s in samples:
+            buf.append(s)
+            if len(buf) == size:
+                yield buf
+                buf = []
+    except ShardDamaged:
+        if buf:  # the samples read before the damage are kept
+            yield buf
+        raise
+    if buf:
+        yield buf
+
+
+def embed_batch(model: EmbeddingModel, batch: DecodedBatch, image: bool, text: bool) -> EmbeddedBatch:
+    n = len(batch.rows)
+    img = np.zeros((n, model.dim), dtype=np.float32)
+    txt = np.zeros((n, model.dim), dtype=np.float32)
+    if image and batch.pixels is not None:
+        img[batch.image_rows] = model.encode_image(batch.pixels).numpy()
+    if text and batch.tokens is not None:
+        txt[batch.text_rows] = model.encode_text(batch.tokens).numpy()
+    return EmbeddedBatch(batch.shard_id, batch.rows, img, txt)
+
+
+def decode_threads(cfg: EmbedConfig, model: EmbeddingModel) -> int:
+    if cfg.decode_threads:
+        return cfg.decode_threads
+    if model.device.type == "cuda":
+        return max(2, (os.cpu_count() or 2) - 1)
+    return 2
+
+
+def decode_idle(cfg: EmbedConfig, model: EmbeddingModel) -> bool:
+    """Whether the decode threads take only the cycles the model leaves free (see embed.decode_priority).
+
+    On a CPU model the compute threads already fill every core the worker has: a decode thread at normal priority
+    preempts one of them and its partners wait at the next barrier, so decode can cost up to twice its own CPU
+    time. At idle priority it runs in the model's gaps, and at worst while the model waits for it, on every core
+    at once. (With ViT-B-32 on 2 cores decode is ~4% of the work, so the difference measured within noise.)
+    """
+    if cfg.decode_priority == "auto":
+        return model.device.type == "cpu" and hasattr(os, "SCHED_IDLE")
+    return cfg.decode_priority == "idle"
+
+
+def _idle_thread() -> None:
+    """Put the calling thread (on Linux scheduling is per thread) in the SCHED_IDLE class."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as e:  # not Linux, or a sandbox that forbids it: normal priority
+        log.debug("decode threads keep normal priority: %s", e)
+
+
+def _draft_size(model: EmbeddingModel, cfg: EmbedConfig) -> int | None:
+    if not cfg.draft:
+        return None
+    size = model.preprocess_info().get("size")
+    if isinstance(size, (list, tuple)):
+        size = max(size)
+    return int(size) if size else None
+
+
+def make_decoder(model: EmbeddingModel, cfg: EmbedConfig) -> BatchDecoder:
+    """The shard's decoder: the model's own preprocess and tokenizer, plus the device decoder with decode=device."""
+    device_decoder = None
+    if cfg.decode == "device":
+        from pipeline.embed.devicedecode import DeviceDecoder
+
+        device_decoder = DeviceDecoder(model)
+    return BatchDecoder(
+        model.preprocess,
+        model.tokenize if cfg.text else None,
+        cfg.max_pixels,
+        tuple(cfg.background),  # type: ignore[arg-type]
+        embed_image=cfg.image,
+        draft_size=_draft_size(model, cfg),
+        device=device_decoder,
+    )
+
+
+def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt: int = 0) -> dict[str, Any]:
+    """Embed one shard and commit its files; returns the stats written as its commit marker."""
+    started = time.time()
+    decoder = make_decoder(model, cfg)
+    writer = ShardWriter(task.output, task.shard_id, model.dim, cfg.output_dtype, cfg.write_parquet)
+    timings: dict[str, float] = collections.defaultdict(float)
+    status_counts = collections.Counter[str]()
+    caption_counts = collections.Counter[str]()
+    read_error = None
+    device_decoded = 0  # images decoded on the model's device (decode=device)
+    samples = threaded(iter_samples(task, cfg.image_keys, cfg.caption_keys), 4 * cfg.batch_size, cfg.read_timeout_s)
+    pending: collections.deque[Future[DecodedBatch]] = collections.deque()
+    workers = decode_threads(cfg, model)
+
+    def consume(fut: Future[DecodedBatch]) -> None:
+        nonlocal device_decoded
+        t0 = time.perf_counter()
+        decoded = fut.result()
+        timings["wait_decode"] += time.perf_counter() - t0
+        timings["decode"] += decoded.decode_seconds
+        device_decoded += decoded.device_decoded
+        t0 = time.perf_counter()
+        emb = embed_batch(model, decoded, cfg.image, cfg.text)
+        timings["model"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        writer.write(emb)
+        timings["write"] += time.perf_counter() - t0
+        for r in emb.rows:
+            status_counts[r.status] += 1
+            caption_counts[r.caption_status] += 1
+
+    init = _idle_thread if decode_idle(cfg, model) else None
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode", initializer=init) as pool:
+        it = _batched(samples, cfg.batch_size)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                raw = next(it, None)
+                timings["read"] += time.perf_counter() - t0
+                if raw is None:
+                    break
+                pending.append(pool.submit(decoder, task.shard_id, raw))
+                # Bounded prefetch: never more decoded batches in memory than prefetch + decode threads.
+                while len(pending) > cfg.prefetch + workers - 1:
+                    consume(pending.popleft())
+        except ShardDamaged as e:
+            read_error = str(e)
+            log.warning("shard %s is damaged; keeping the samples before the damage: %s", task.shard_id, e)
+        while pending:
+            consume(pending.popleft())
+    stats = {
+        "shard": task.shard_id,
+        "input": task.input_url,
+        "samples": sum(status_counts.values()),
+        "ok": status_counts.get(OK, 0),
+        "status_counts": dict(status_counts),
+        "caption_status_counts": dict(caption_counts),
+        "read_error": read_error,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "started": started,
+        "finished": time.time(),
+        "attempt": attempt,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "dim": model.dim,
+        "members_sha256": task.members_digest(),
+    }
+    if decoder.device is not None:
+        stats["device_decoded"] = device_decoded  # the other ok images took the CPU (Pillow) path
+    return writer.close(stats, skip_if_committed=not cfg.overwrite)
+
+
+def embed_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    """The importable worker function every distributor calls for one embed task."""
+    if cfg.embed.decode == "device":
+        from pipeline.embed.devicedecode import check_config
+
+        check_config(cfg)
+    model = get_model(cfg)
+    return run_shard(task, model, cfg.embed, attempt)

@@ -1,0 +1,139 @@
+"""The embed stage: plan shards, check the manifest, skip committed shards, distribute, summarize."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import fsspec
+from tqdm import tqdm
+
+from pipeline.core.config import Config, ConfigError, require
+from pipeline.core.summary import JobFailed, summarize_embed
+from pipeline.distribute.local import TaskResult, get_distributor
+from pipeline.embed.plan import ShardTask, drop_unfinished_downloads, expand_input, plan_shards
+from pipeline.embed.writer import (
+    ManifestMismatch,
+    check_or_write_manifest,
+    committed_shards,
+    new_manifest,
+    read_stats,
+    remove_uncommitted,
+    sweep_temporary,
+    uncommit,
+    update_manifest,
+)
+from pipeline.models import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+WORKER = "pipeline.embed.runner:embed_worker"
+
+
+def build_manifest(cfg: Config) -> dict[str, Any]:
+    return new_manifest(
+        model_fingerprint(cfg.model),
+        cfg.model.model_dump(mode="json"),
+        cfg.embed.output_dtype,
+        cfg.embed.image,
+        cfg.embed.text,
+    )
+
+
+def plan(cfg: Config) -> list[ShardTask]:
+    """Validate and plan before anything is written; raises ConfigError for bad input or model config."""
+    require(cfg, "input", "output")
+    assert cfg.input is not None and cfg.output is not None
+    if not (cfg.embed.image or cfg.embed.text):
+        raise ConfigError("embed.image and embed.text are both false: nothing to embed")
+    if cfg.embed.decode == "device":
+        from pipeline.embed.devicedecode import check_config
+
+        check_config(cfg)  # a family without open_clip's preprocess config exits 2 before any work
+    _, out_root = fsspec.core.url_to_fs(cfg.output.rstrip("/"))
+    # An output folder inside the input folder must not feed its own files back in as shards.
+    urls = [u for u in expand_input(cfg.input) if not fsspec.core.url_to_fs(u)[1].startswith(out_root + "/")]
+    urls, unfinished = drop_unfinished_downloads(urls)
+    if unfinished:
+        log.warning(
+            "skipping %d tar(s) whose img2dataset download has not finished (no _stats.json): %s",
+            len(unfinished),
+            ", ".join(unfinished[:5]),
+        )
+    return plan_shards(urls, cfg.output.rstrip("/"), cfg.embed.input_format, cfg.embed.folder_shard_size)
+
+
+def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
+    """Run the embed stage; returns the summary, raises JobFailed when a shard failed for good.
+
+    `worker` is the importable per-shard function (tests inject faults through it).
+    """
+    from pipeline.models import ModelLoadError
+
+    tasks = plan(cfg)
+    output = cfg.output.rstrip("/")  # type: ignore[union-attr]
+    try:
+        manifest = build_manifest(cfg)
+        check_or_write_manifest(output, manifest)
+    except (ManifestMismatch, ModelLoadError) as e:
+        raise ConfigError(str(e)) from e
+    swept = sweep_temporary(output) + remove_uncommitted(output)
+    if swept:
+        log.info("removed %d leftover files of an interrupted run", swept)
+    done = set(committed_shards(output, include_empty=True))
+    for t in tasks:
+        if (
+            t.members
+            and t.shard_id in done
+            and read_stats(output, t.shard_id).get("members_sha256") != t.members_digest()
+        ):
+            log.warning("folder shard %s: its images changed since it was embedded; redoing it", t.shard_id)
+            uncommit(output, t.shard_id)
+            done.discard(t.shard_id)
+    todo = [t for t in tasks if cfg.embed.overwrite or t.shard_id not in done]
+    skipped = len(tasks) - len(todo)
+    log.info("embed: %d shards planned, %d already committed, %d to do", len(tasks), skipped, len(todo))
+
+    t0 = time.perf_counter()
+    samples = 0
+    bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True, disable=None)
+
+    def on_result(r: TaskResult) -> None:
+        nonlocal samples
+        if r.ok and r.stats:
+            samples += r.stats.get("samples", 0)
+        bar.update(1)
+        bar.set_postfix(samples=samples, per_s=f"{samples / max(time.perf_counter() - t0, 1e-9):.1f}")
+
+    try:
+        results = get_distributor(cfg).run(
+            todo, worker, cfg.embed.max_shard_retries, on_result, timeout_s=cfg.embed.shard_timeout_s
+        )
+    finally:
+        bar.close()
+        # Files of shards that did not commit (a worker died mid-commit) must not be seen by file-listing readers.
+        sweep_temporary(output)
+        remove_uncommitted(output)
+    wall = time.perf_counter() - t0
+    failed = [r.task.shard_id for r in results if not r.ok]
+    stats = [r.stats for r in results if r.ok and r.stats]
+    summary = summarize_embed(stats, wall, skipped, failed)
+    if stats:
+        update_manifest(output, dim=stats[0].get("dim"))
+    if failed:
+        for r in results:
+            if not r.ok:
+                log.error(
+                    "shard %s failed after %d attempts: %s",
+                    r.task.shard_id,
+                    r.attempts,
+                    r.errors[-1] if r.errors else "?",
+                )
+        raise JobFailed(f"{len(failed)} shard(s) failed: {', '.join(failed)}; re-run to retry them", summary)
+    return summary
+
+
+def all_stats(output: str) -> list[dict[str, Any]]:
+    """Stats of every committed shard (the same files on a local pool and on Spark)."""
+    return [read_stats(output, s) for s in committed_shards(output, include_empty=True)]

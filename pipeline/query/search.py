@@ -1,0 +1,227 @@
+"""Search an index folder made by `clipline index`: the Searcher API and the `clipline query` command.
+
+Serving the same folder with clip-retrieval's `clip back` (checked against clip-retrieval's clip_back.py):
+`clip back --indices-paths indices_paths.json` reads a JSON object mapping a name to a folder, or to a dict of
+per-index options:
+
+    {"clipline": {"indice_folder": "/data/emb/index-clipback",
+                  "clip_model": "open_clip:ViT-B-32",
+                  "enable_faiss_memory_mapping": true,
+                  "columns_to_return": ["url", "caption", "key"]}}
+
+and expects in `indice_folder`: `image.index` and/or `text.index`, and `metadata/*.parquet` whose rows,
+concatenated in sorted file-name order, are the metadata of ids 0, 1, 2... It serves one metadata table for
+both indices, and it searches with `search_and_reconstruct`, which IVF indices only answer with a direct map.
+So, for a clip back folder:
+  * image.index: this folder's image.index; if its index_key has IVF, first run
+    `faiss.extract_index_ivf(index).make_direct_map()` and write it back (8 bytes per vector more);
+  * metadata/0.parquet: this folder's image_ids.parquet (already in id order; columns key, caption, url...);
+  * text.index only in its own folder with text_ids.parquet as metadata, because text ids number captioned
+    samples and image ids numbered samples whose image decoded, so the two id spaces differ;
+  * clip_model: clip back loads `open_clip:ARCH` with the last pretrained tag open_clip lists for ARCH and
+    cannot load a local checkpoint, so it only suits indices embedded with such a named model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import posixpath
+import urllib.request
+from typing import TYPE_CHECKING, Any, Sequence
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.core.config import Config, ConfigError, ModelConfig, require
+from pipeline.embed.writer import read_manifest, shard_files
+from pipeline.index.store import index_files, is_local, read_index, read_info
+
+if TYPE_CHECKING:
+    import faiss
+    from PIL import Image
+
+    from pipeline.models import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["query", "rank", "score", "key", "caption", "url"]
+MAX_QUERY_IMAGE_PIXELS = 89_478_485
+
+
+class Searcher:
+    """One modality's index of an index folder, with its id map and (loaded on first use) the embedding model."""
+
+    def __init__(self, index_dir: str, modality: str = "image", mmap: bool = True):
+        self.index_dir = index_dir.rstrip("/")
+        self.modality = modality
+        info = read_info(self.index_dir, modality)
+        if info is None:
+            raise FileNotFoundError(
+                f"{self.index_dir}: no {modality} index (expected {modality}.json from `clipline index`)"
+            )
+        self.info: dict[str, Any] = info
+        files = index_files(self.index_dir, modality)
+        self.index: faiss.Index = read_index(files.index, mmap=mmap)
+        if info.get("index_param"):
+            import faiss
+
+            faiss.ParameterSpace().set_index_parameters(self.index, info["index_param"])
+        with fsspec.open(files.ids, "rb") as f:
+            self.ids: pa.Table = pq.read_table(f)
+        if not self.index.ntotal == len(self.ids) == info["ntotal"]:
+            raise RuntimeError(
+                f"{self.index_dir}: {modality} index ({self.index.ntotal}), id map ({len(self.ids)}) and "
+                f"json ({info['ntotal']}) disagree; rebuild it with index.rebuild=true"
+            )
+        self._model: EmbeddingModel | None = None
+
+    @functools.cached_property
+    def embed_dir(self) -> str:
+        """The embed output the index was built from: as recorded, else the index folder's parent (default layout)."""
+        recorded = self.info["embed"]["path"]
+        if read_manifest(recorded) is None:
+            parent = posixpath.dirname(self.index_dir)
+            if read_manifest(parent) is not None:
+                return parent
+        return str(recorded)
+
+    @property
+    def model(self) -> EmbeddingModel:
+        """The model recorded in the embed manifest, checked to still be the same weights."""
+        if self._model is None:
+            from pipeline.models import load_model, model_fingerprint
+
+            mc = self.info["embed"].get("model_config")
+            if not mc:
+                raise ConfigError(
+                    f"{self.index_dir}: the index records no model_config; rebuild it with index.rebuild=true"
+                )
+            cfg = ModelConfig(**mc)
+            found, recorded = model_fingerprint(cfg), self.info["embed"].get("model")
+            if found != recorded:
+                raise ConfigError(f"the model at {mc} is now {found}, but the index holds embeddings of {recorded}")
+            self._model = load_model(cfg)
+        return self._model
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, queries: Sequence[str] | None = None) -> pd.DataFrame:
+        """Nearest neighbours of L2-normalized vectors: one row per hit (query, rank, score, key, caption, url, id, shard)."""
+        x = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if x.shape[1] != self.index.d:
+            raise ValueError(f"query vectors have dim {x.shape[1]}, the {self.modality} index has dim {self.index.d}")
+        labels = list(queries) if queries is not None else [f"vector {i}" for i in range(len(x))]
+        scores, ids = self.index.search(x, k)
+        q, rank = np.nonzero(ids >= 0)  # an IVF search probing too few lists pads with -1
+        hits = ids[q, rank]
+        meta = (
+            self.ids.take(pa.array(hits)).to_pandas()
+            if len(hits)
+            else pd.DataFrame(columns=["key", "caption", "url", "shard"])
+        )
+        return pd.DataFrame(
+            {
+                "query": [labels[i] for i in q],
+                "rank": rank + 1,
+                "score": scores[q, rank].astype(np.float32),
+                "key": meta["key"].to_numpy(),
+                "caption": meta["caption"].to_numpy(),
+                "url": meta["url"].to_numpy(),
+                "id": hits,
+                "shard": meta["shard"].to_numpy(),
+            }
+        )
+
+    def search_text(self, texts: list[str], k: int = 10) -> pd.DataFrame:
+        """Embed texts with the index's text tower, then search."""
+        import torch
+
+        with torch.no_grad():
+            emb = self.model.encode_text(self.model.tokenize(list(texts))).numpy()
+        return self.search_vectors(emb, k, texts)
+
+    def search_image(self, images: Sequence[str | Image.Image], k: int = 10) -> pd.DataFrame:
+        """Embed images (paths, URLs or PIL images) with the index's image tower, then search."""
+        import torch
+
+        pixels, labels = [], []
+        for i, im in enumerate(images):
+            pixels.append(self.model.preprocess(_load_image(im)))
+            labels.append(im if isinstance(im, str) else f"image {i}")
+        with torch.no_grad():
+            emb = self.model.encode_image(torch.stack(pixels)).numpy()
+        return self.search_vectors(emb, k, labels)
+
+    def search_key(self, keys: list[str], k: int = 10) -> pd.DataFrame:
+        """Neighbours of indexed samples, queried with their stored embedding (read back from the embed npy)."""
+        found = self.ids.filter(pc.is_in(self.ids["key"], value_set=pa.array(keys, pa.string())))
+        where = {r["key"]: (r["shard"], r["row"]) for r in found.select(["key", "shard", "row"]).to_pylist()}
+        missing = [key for key in keys if key not in where]
+        if missing:
+            raise KeyError(f"not in the {self.modality} index: {', '.join(missing[:10])}")
+        return self.search_vectors(np.stack([self._stored_vector(*where[key]) for key in keys]), k, keys)
+
+    def _stored_vector(self, shard: str, row: int) -> np.ndarray:
+        files = shard_files(self.embed_dir, shard)
+        path = files.img_emb if self.modality == "image" else files.text_emb
+        fs, p = fsspec.core.url_to_fs(path)
+        if is_local(fs):
+            return np.asarray(np.load(p, mmap_mode="r")[row], dtype=np.float32)
+        with fs.open(p, "rb") as f:
+            return np.asarray(np.load(f)[row], dtype=np.float32)
+
+
+def _load_image(image: str | Image.Image) -> Image.Image:
+    from pipeline.embed.decode import decode_image, to_rgb
+
+    if not isinstance(image, str):
+        return to_rgb(image)
+    if image.startswith(("http://", "https://")):
+        with urllib.request.urlopen(image, timeout=30) as r:
+            data = r.read()
+    else:
+        with fsspec.open(image, "rb") as f:
+            data = f.read()
+    return decode_image(data, MAX_QUERY_IMAGE_PIXELS)
+
+
+def format_results(df: pd.DataFrame, fmt: str) -> str:
+    """The CLI's output: an aligned table, or one JSON object per hit."""
+    df = df[COLUMNS]
+    if fmt == "jsonl":
+        return "\n".join(json.dumps(r, ensure_ascii=False, default=float) for r in df.to_dict(orient="records"))
+    if df.empty:
+        return "(no results)"
+    shown = df.assign(
+        score=df["score"].map(lambda s: f"{s:.4f}"),
+        caption=df["caption"].fillna("").map(lambda c: c if len(c) <= 60 else c[:57] + "..."),
+    )
+    return str(shown.to_string(index=False))
+
+
+def query_cli(
+    cfg: Config, text: list[str] | None = None, image: list[str] | None = None, key: list[str] | None = None
+) -> str:
+    """`clipline query input=INDEX_DIR (--text T | --image PATH_OR_URL | --key KEY)...`: the text to print."""
+    from pipeline.embed.decode import SampleError
+
+    require(cfg, "input")
+    if not isinstance(cfg.input, str):
+        raise ConfigError("input: expected one index folder")
+    if sum(q is not None for q in (text, image, key)) != 1:
+        raise ConfigError("query: give exactly one of --text, --image or --key")
+    try:
+        searcher = Searcher(cfg.input, cfg.query.modality)
+        if text is not None:
+            df = searcher.search_text(text, cfg.query.k)
+        elif image is not None:
+            df = searcher.search_image(image, cfg.query.k)
+        else:
+            df = searcher.search_key(key or [], cfg.query.k)
+    except (FileNotFoundError, KeyError, SampleError) as e:
+        raise ConfigError(str(e.args[0]) if isinstance(e, KeyError) else str(e)) from e
+    return format_results(df, cfg.query.format)

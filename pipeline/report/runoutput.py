@@ -1,0 +1,203 @@
+"""RunOutput: a read-only view of a chain or demo output root (or a bare embed folder), every stage's part optional;
+what `clipline report` and the notebooks read a run's outputs through."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import posixpath
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from pipeline.embed.writer import committed_shards, read_manifest, read_stats, shard_files
+from pipeline.report import plots as rp
+from pipeline.run.chain import ChainLayout, layout
+
+NN_QUERIES = 2000
+# Above this many vectors the nearest-neighbour histogram uses the image index instead of exact search.
+EXACT_NN_MAX = 200_000
+
+
+class RunOutput:
+    """A chain or demo output root (or a bare embed folder) opened for reading; every stage's part may be missing."""
+
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/")
+        self.fs, _ = fsspec.core.url_to_fs(self.root)
+        paths = layout(self.root)
+        if not self.exists(paths.embeddings) and self.exists(posixpath.join(self.root, "manifest.json")):
+            j = posixpath.join  # an embed output folder given directly
+            paths = ChainLayout("", self.root, j(self.root, "index"), j(self.root, "dedup"), root=self.root)
+        self.paths = paths
+
+    def exists(self, path: str) -> bool:
+        return bool(path) and bool(self.fs.exists(fsspec.core.url_to_fs(path)[1]))
+
+    def read_json(self, path: str) -> dict[str, Any] | None:
+        if not self.exists(path):
+            return None
+        with fsspec.open(path, "r") as f:
+            return json.load(f)  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def run_info(self) -> dict[str, Any] | None:
+        from pipeline.core.runinfo import read_record
+
+        return read_record(self.root)
+
+    @functools.cached_property
+    def summary(self) -> dict[str, Any] | None:
+        return self.read_json(posixpath.join(self.root, "summary.json"))
+
+    @functools.cached_property
+    def manifest(self) -> dict[str, Any] | None:
+        return read_manifest(self.paths.embeddings) if self.exists(self.paths.embeddings) else None
+
+    @functools.cached_property
+    def shards(self) -> list[str]:
+        """Embed shards with data (committed)."""
+        return committed_shards(self.paths.embeddings) if self.manifest else []
+
+    @functools.cached_property
+    def embed_stats(self) -> list[dict[str, Any]]:
+        if not self.manifest:
+            return []
+        return [
+            read_stats(self.paths.embeddings, s) for s in committed_shards(self.paths.embeddings, include_empty=True)
+        ]
+
+    @property
+    def embedded(self) -> int:
+        """Samples embedded (status ok), from the embed stats."""
+        return sum(int(s.get("status_counts", {}).get("ok", 0)) for s in self.embed_stats)
+
+    @functools.cached_property
+    def download_stats(self) -> dict[str, dict[str, Any]]:
+        """img2dataset's NNNNN_stats.json of every completed download shard."""
+        from pipeline.download.stage import STATS_RE
+
+        if not self.exists(self.paths.shards):
+            return {}
+        out = {}
+        for p in sorted(self.fs.ls(fsspec.core.url_to_fs(self.paths.shards)[1], detail=False)):
+            if STATS_RE.match(posixpath.basename(p)):
+                with self.fs.open(p, "r") as f:
+                    out[posixpath.basename(p)[: -len("_stats.json")]] = json.load(f)
+        return out
+
+    def download_rows(self) -> pd.DataFrame | None:
+        """status and error_message of every URL of the completed download shards."""
+        if not self.download_stats:
+            return None
+        parts = []
+        for sid in self.download_stats:
+            with fsspec.open(posixpath.join(self.paths.shards, f"{sid}.parquet"), "rb") as f:
+                parts.append(pd.read_parquet(f, columns=["status", "error_message"]))
+        return pd.concat(parts, ignore_index=True)
+
+    def metadata(
+        self,
+        columns: Iterable[str] = ("key", "shard", "index", "status", "caption", "url", "clip_score", "caption_status"),
+        shards: list[str] | None = None,
+    ) -> pd.DataFrame | None:
+        """The embed metadata of the given committed shards (default all), in shard order."""
+        if not self.shards:
+            return None
+        parts = []
+        for s in self.shards if shards is None else shards:
+            with fsspec.open(shard_files(self.paths.embeddings, s).metadata, "rb") as f:
+                parts.append(pd.read_parquet(f, columns=list(columns)))
+        return pd.concat(parts, ignore_index=True)
+
+    def sample_shards(self, n: int) -> list[str]:
+        """At most n committed shards spread evenly over all of them (what the report reads on big outputs)."""
+        step = max(1, -(-len(self.shards) // max(n, 1)))
+        return self.shards[::step]
+
+    def image_vectors(self) -> tuple[np.ndarray, pd.DataFrame]:
+        """Every embedded image vector (float32) with its metadata row; for notebooks on small outputs."""
+        from pipeline.index.quality import read_shard
+
+        xs, rows = [], []
+        for s in self.shards:
+            x, t = read_shard(self.paths.embeddings, s, "image")
+            xs.append(np.asarray(x, np.float32))
+            rows.append(t)
+        if not xs:
+            return np.zeros((0, 0), np.float32), pd.DataFrame()
+        return np.concatenate(xs), pd.concat(rows, ignore_index=True)
+
+    def nn_exact(self) -> bool:
+        """Exact search while it is cheap (or there is no index); the image index beyond that."""
+        return self.embedded <= EXACT_NN_MAX or self.index_info("image") is None
+
+    def nn_similarities(self, max_queries: int = NN_QUERIES, seed: int = 0) -> np.ndarray:
+        """Sampled samples' cosine similarity to their nearest other sample (every sample when there are at most
+        max_queries): exact search over all embedded images, or on big outputs the image index, its top hit taken
+        to be the query itself."""
+        from pipeline.index.quality import exact_search, iter_vectors, sample_vectors
+
+        if not self.nn_exact():
+            from pipeline.query.search import Searcher
+
+            q = np.ascontiguousarray(sample_vectors(self.paths.embeddings, self.shards, "image", max_queries, seed))
+            sims, _ = Searcher(self.paths.index, "image").index.search(q, 2)
+            return sims[:, 1].astype(np.float32)  # type: ignore[no-any-return]
+        rate = min(1.0, max_queries / max(self.embedded, 1))
+        rng = np.random.default_rng(seed)
+        ids, queries, offset = [], [], 0
+        for block in iter_vectors(self.paths.embeddings, self.shards, "image"):
+            pick = np.flatnonzero(rng.random(len(block)) < rate) if rate < 1 else np.arange(len(block))
+            ids.append(pick + offset)
+            queries.append(np.asarray(block[pick], np.float32))
+            offset += len(block)
+        if not queries or offset < 2:
+            return np.zeros(0, np.float32)
+        own, q = np.concatenate(ids), np.ascontiguousarray(np.concatenate(queries))
+        sims, found = exact_search(iter_vectors(self.paths.embeddings, self.shards, "image"), q, 2)
+        other = np.where(found[:, 0] == own, 1, 0)  # skip the query itself, whichever rank it landed at
+        return sims[np.arange(len(q)), other].astype(np.float32)  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def dedup_summary(self) -> dict[str, Any] | None:
+        return self.read_json(posixpath.join(self.paths.dedup, "summary.json"))
+
+    def duplicates(self) -> pd.DataFrame | None:
+        path = posixpath.join(self.paths.dedup, "duplicates.parquet")
+        if not self.exists(path):
+            return None
+        with fsspec.open(path, "rb") as f:
+            return pd.read_parquet(f)
+
+    def index_info(self, modality: str) -> dict[str, Any] | None:
+        from pipeline.index.store import read_info
+
+        return read_info(self.paths.index, modality) if self.exists(self.paths.index) else None
+
+    def tar_of(self, shard: str) -> str | None:
+        """The WebDataset tar an embed shard was read from (as its stats record it, else the chain's shards folder)."""
+        recorded = next((s.get("input") for s in self.embed_stats if s.get("shard") == shard), None)
+        for cand in (recorded, posixpath.join(self.paths.shards, f"{shard}.tar") if self.paths.shards else None):
+            if isinstance(cand, str) and cand.endswith(".tar") and self.exists(cand):
+                return cand
+        return None
+
+    def images(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        """Image bytes of (shard, key) samples, each tar streamed once."""
+        by_shard: dict[str, set[str]] = collections.defaultdict(set)
+        for shard, key in pairs:
+            by_shard[str(shard)].add(str(key))
+        out: dict[tuple[str, str], bytes] = {}
+        for shard, keys in by_shard.items():
+            tar = self.tar_of(shard)
+            if tar is not None:
+                out.update({(shard, k): b for k, b in rp.read_tar_images(tar, keys).items()})
+        return out
+
+    def thumbnails(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
+        return {p: rp.thumbnail_uri(b) for p, b in self.images(pairs).items()}

@@ -1,0 +1,78 @@
+"""Importable fault-injecting worker functions for the distributor and embed tests (run in spawned processes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import Config
+from pipeline.embed.plan import ShardTask
+from pipeline.embed.runner import embed_worker
+
+FAULT_DIR = "CLIPLINE_TEST_FAULT_DIR"
+
+
+def _mark(task: ShardTask) -> Path:
+    return Path(os.environ[FAULT_DIR]) / f"attempts_{task.shard_id}"
+
+
+def _count(task: ShardTask) -> int:
+    p = _mark(task)
+    n = int(p.read_text()) if p.exists() else 0
+    p.write_text(str(n + 1))
+    return n
+
+
+def echo(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    return {"shard": task.shard_id, "attempt": attempt, "pid": os.getpid(), "samples": 1}
+
+
+def report_placement(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    """Where the pool put this worker: its visible GPU, the model device it was given, its torch threads."""
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device": cfg.model.device,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "samples": 1,
+    }
+
+
+def crash_first_attempt(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    """Shard 00001 kills its process on the first attempt (os._exit, as a segfault or OOM kill would)."""
+    if task.shard_id == "00001" and _count(task) == 0:
+        os._exit(3)
+    return echo(task, cfg, attempt)
+
+
+def always_raise_00002(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    _count(task)
+    if task.shard_id == "00002":
+        raise RuntimeError("injected failure")
+    return echo(task, cfg, attempt)
+
+
+def hang_00000(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    if task.shard_id == "00000" and _count(task) == 0:
+        time.sleep(600)
+    return echo(task, cfg, attempt)
+
+
+def embed_dies_mid_shard(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+    """The real embed worker, but shard 00001 dies half-way through on every attempt."""
+    if task.shard_id == "00001":
+        import pipeline.embed.writer as writer
+
+        original = writer.ShardWriter.write
+
+        def write_then_die(self: Any, batch: Any) -> None:
+            original(self, batch)
+            os._exit(9)
+
+        writer.ShardWriter.write = write_then_die  # type: ignore[method-assign]
+    return embed_worker(task, cfg, attempt)
