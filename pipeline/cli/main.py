@@ -10,9 +10,10 @@ import sys
 import textwrap
 from typing import Any, Callable
 
-from pipeline.core.config import Config, ConfigError, load_config
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.logs import setup_logging
-from pipeline.core.summary import JobFailed, format_summary
+from pipeline.core.summary import format_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -9,13 +9,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.core.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Groups: `model=NAME` loads conf/model/NAME.yaml, `distributor=spark` loads conf/distributor/spark.yaml.
 GROUPS = ("model", "distributor")
-
-
-class ConfigError(ValueError):
-    """Bad configuration: reported with the key path, exit code 2, nothing written."""
 
 
 class _Section(BaseModel):

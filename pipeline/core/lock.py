@@ -23,7 +23,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.core.config import ConfigError
+from pipeline.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@ level down in a download output, which is img2dataset's folder), and where to fi
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import posixpath
@@ -16,6 +15,7 @@ from typing import Any
 import fsspec
 
 from pipeline.core.config import Config, to_dict
+from pipeline.core.fsio import put_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ def find_record(output: str) -> str | None:
 def read_record(output: str) -> dict[str, Any] | None:
     """The last run's record (see find_record), or None."""
     path = find_record(output)
-    if path is None:
-        return None
-    with fsspec.open(path, "r") as f:
-        return json.load(f)  # type: ignore[no-any-return]
+    return None if path is None else read_json(path)  # type: ignore[no-any-return]
 
 
 def versions() -> dict[str, str | None]:
@@ -99,11 +96,7 @@ class RunRecord:
             fs, root = fsspec.core.url_to_fs(self.output)
             if not fs.isdir(root):
                 return  # nothing was written: keep it that way
-            from pipeline.embed.writer import put_bytes
-
             # temporary name + rename, so a kill mid-write never leaves a torn record
-            put_bytes(
-                fs, record_path(root, self.data["command"]), json.dumps(self.data, indent=1, default=str).encode()
-            )
+            put_json(record_path(self.output, self.data["command"]), self.data)
         except Exception as e:  # the job's outcome (its exit code) must never be masked by its record
             log.warning("could not write run.json to %s: %s", self.output, e)

@@ -7,7 +7,6 @@ of killed runs) before a run replaces any file, so the other files are one run's
 from __future__ import annotations
 
 import io
-import json
 import logging
 import posixpath
 import re
@@ -20,9 +19,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.config import ConfigError
+from pipeline.core.errors import ConfigError
+from pipeline.core.fsio import TMP_MARK, discard, put_bytes, tmp_name
 from pipeline.embed.plan import expand_input, shard_id_from_name
-from pipeline.embed.writer import TMP_MARK, discard, put_bytes, shard_files, tmp_name
+from pipeline.embed.writer import shard_files
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,6 @@ def uncommit(output: str) -> None:
     summary = posixpath.join(root, SUMMARY)
     if fs.exists(summary):
         fs.rm(summary)
-
-
-def put_table(df: pd.DataFrame, path: str, schema: pa.Schema | None = None) -> None:
-    """Write a table as parquet under a temporary name, then rename; schema fixes column types even when empty."""
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), buf)
-    fs, p = fsspec.core.url_to_fs(path)
-    put_bytes(fs, p, buf.getvalue())
-
-
-def put_json(obj: dict[str, Any], path: str) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    put_bytes(fs, p, json.dumps(obj, indent=1, default=str).encode())
 
 
 def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str) -> None:

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import Config, ConfigError, DedupConfig, require
+from pipeline.core.config import Config, DedupConfig, require
+from pipeline.core.errors import ConfigError
+from pipeline.core.fsio import put_json, put_parquet
 from pipeline.core.logs import timed
 from pipeline.core.workdir import work_folder
 from pipeline.dedup import materialize as mat
@@ -284,13 +286,13 @@ def write_outputs(
     commit marker) is removed first. Returns what materialize wrote, if it ran."""
     mat.uncommit(output)
     for name in ("duplicates", "keep", "drop"):
-        mat.put_table(tables[name], posixpath.join(output, f"{name}.parquet"), mat.SCHEMAS[name])
+        put_parquet(posixpath.join(output, f"{name}.parquet"), tables[name], mat.SCHEMAS[name])
     if matches is not None:
         rows = emb.rows.iloc[matches["row"].to_numpy(np.int64)]
         matches = matches.drop(columns="row").assign(
             key=rows["key"].to_numpy(object), shard=rows["shard"].astype(str).to_numpy(object)
         )
-        mat.put_table(matches, posixpath.join(output, "reference_matches.parquet"), mat.SCHEMAS["reference_matches"])
+        put_parquet(posixpath.join(output, "reference_matches.parquet"), matches, mat.SCHEMAS["reference_matches"])
     mat.write_histogram(found.nn_sim, dc.threshold, posixpath.join(output, "similarity_hist.png"), found.method)
     if not dc.materialize:
         return None
@@ -331,7 +333,7 @@ def dedup(cfg: Config) -> dict[str, Any]:
     summary = build_summary(emb, found, tables, dc, len(ea), materialized, output)
     summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     summary["time_split_seconds"] = {k: round(v, 2) for k, v in timings.items()}
-    mat.put_json(summary, posixpath.join(output, mat.SUMMARY))
+    put_json(posixpath.join(output, mat.SUMMARY), summary)
     return summary
 
 

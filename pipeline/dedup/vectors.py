@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.core.config import ConfigError
-from pipeline.core.summary import JobFailed
+from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.dedup.neighbors import normalize_rows
 from pipeline.embed.batch import OK
 from pipeline.embed.writer import committed_shards, read_manifest, shard_files

@@ -20,8 +20,8 @@ from typing import Any
 
 import fsspec
 
-from pipeline.core.config import Config, ConfigError
-from pipeline.core.summary import JobFailed
+from pipeline.core.config import Config
+from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.download.urllist import FORMATS, InputPlan, format_of, plan_input  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)

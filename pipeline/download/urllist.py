@@ -9,7 +9,8 @@ from typing import Any
 
 import fsspec
 
-from pipeline.core.config import Config, ConfigError, require
+from pipeline.core.config import Config, require
+from pipeline.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
-from pipeline.core.config import ConfigError
+from pipeline.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.core.config import Config

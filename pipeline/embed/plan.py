@@ -10,7 +10,7 @@ from typing import Iterable
 import fsspec
 from braceexpand import braceexpand
 
-from pipeline.core.config import ConfigError
+from pipeline.core.errors import ConfigError
 
 TAR_EXT = (".tar",)
 PARQUET_EXT = (".parquet",)

@@ -9,10 +9,11 @@ from typing import Any
 import fsspec
 from tqdm import tqdm
 
-from pipeline.core.config import Config, ConfigError, require
-from pipeline.core.summary import JobFailed, summarize_embed
+from pipeline.core.config import Config, require
+from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.distribute.local import TaskResult, get_distributor
 from pipeline.embed.plan import ShardTask, drop_unfinished_downloads, expand_input, plan_shards
+from pipeline.embed.summary import summarize_embed
 from pipeline.embed.writer import (
     ManifestMismatch,
     check_or_write_manifest,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import posixpath
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.fsio import TMP_MARK, put_bytes
 from pipeline.embed.batch import EmbeddedBatch
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-TMP_MARK = ".tmp-"
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -107,32 +105,6 @@ def uncommit(output: str, shard_id: str) -> None:
 def read_stats(output: str, shard_id: str) -> dict[str, Any]:
     with fsspec.open(shard_files(output, shard_id).stats, "r") as f:
         return json.load(f)
-
-
-def tmp_name(final: str) -> str:
-    """A unique temporary name beside `final`; readers ignore it (TMP_MARK) and later runs sweep it."""
-    return f"{final}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-
-
-def discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
-    """Remove a temporary file after a failed write; a storage that fails again must not hide the first error."""
-    with contextlib.suppress(OSError):
-        if fs.exists(tmp):
-            fs.rm(tmp)
-
-
-def put_bytes(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
-    """Write under a unique temporary name, then rename: a killed writer never leaves a whole-looking file, and a
-    failed write or rename removes its temporary file."""
-    fs.makedirs(posixpath.dirname(final), exist_ok=True)
-    tmp = tmp_name(final)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, final)
-    except BaseException:
-        discard(fs, tmp)
-        raise
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

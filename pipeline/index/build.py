@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 import faiss
 
-from pipeline.core.config import Config, ConfigError, IndexConfig
-from pipeline.core.summary import JobFailed
+from pipeline.core.config import Config, IndexConfig
+from pipeline.core.errors import ConfigError, JobFailed
 
 
 class _FaissOPQKeywords(types.ModuleType):

@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from pipeline.core.summary import JobFailed
+from pipeline.core.errors import JobFailed
 from pipeline.embed.writer import shard_files
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import Config, ConfigError, require
-from pipeline.core.summary import JobFailed
+from pipeline.core.config import Config, require
+from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.workdir import tempfiles_in, work_folder
 from pipeline.dedup.vectors import naming_timeout, within
 from pipeline.embed.writer import committed_shards, read_manifest

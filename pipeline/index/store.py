@@ -22,7 +22,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from pipeline.embed.writer import TMP_MARK, discard, tmp_name
+from pipeline.core.fsio import TMP_MARK, discard, read_json, tmp_name
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,7 @@ def index_files(output: str, modality: str) -> IndexFiles:
 
 
 def read_info(output: str, modality: str) -> dict[str, Any] | None:
-    fs, path = fsspec.core.url_to_fs(index_files(output, modality).info)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)  # type: ignore[no-any-return]
+    return read_json(index_files(output, modality).info)  # type: ignore[no-any-return]
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

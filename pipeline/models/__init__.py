@@ -67,7 +67,7 @@ def parse_model_string(spec: str) -> dict[str, Any]:
         return {"family": "open_clip", "arch": spec, "pretrained": None}
     arch, _, tag = spec.partition("/")
     if not arch:
-        from pipeline.core.config import ConfigError
+        from pipeline.core.errors import ConfigError
 
         raise ConfigError(f"model={spec!r}: expected ARCH[/PRETRAINED], open_clip:ARCH/TAG, hf:DIR or offline")
     return {"family": "open_clip", "arch": arch, "pretrained": tag or None}

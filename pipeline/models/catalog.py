@@ -160,7 +160,7 @@ def list_models_cli(cfg: "Config", family: str | None = None) -> str:
         elif fam == "hf":
             blocks.append(_hub_section(cache_dir))
         else:
-            from pipeline.core.config import ConfigError
+            from pipeline.core.errors import ConfigError
 
             raise ConfigError(f"--family {fam!r}: expected offline, open_clip or hf")
     hub_cache = cache_dir or _default_hub_cache()

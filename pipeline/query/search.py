@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import Config, ConfigError, ModelConfig, require
+from pipeline.core.config import Config, ModelConfig, require
+from pipeline.core.errors import ConfigError
 from pipeline.embed.writer import read_manifest, shard_files
 from pipeline.index.store import index_files, is_local, read_index, read_info
 

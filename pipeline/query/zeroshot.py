@@ -15,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.config import ConfigError, ModelConfig
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import ConfigError
+from pipeline.core.fsio import put_bytes
 from pipeline.embed.batch import OK
-from pipeline.embed.writer import committed_shards, put_bytes, read_manifest, shard_files
+from pipeline.embed.writer import committed_shards, read_manifest, shard_files
 
 if TYPE_CHECKING:
     from pipeline.core.config import Config

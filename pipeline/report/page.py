@@ -13,9 +13,9 @@ from typing import Callable
 
 import fsspec
 
-from pipeline.core.config import Config, ConfigError, require
-from pipeline.core.summary import JobFailed
-from pipeline.embed.writer import put_bytes
+from pipeline.core.config import Config, require
+from pipeline.core.errors import ConfigError, JobFailed
+from pipeline.core.fsio import put_bytes
 from pipeline.report import plots as rp
 from pipeline.report.runoutput import RunOutput
 

@@ -14,6 +14,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from pipeline.core.fsio import read_json
 from pipeline.embed.writer import committed_shards, read_manifest, read_stats, shard_files
 from pipeline.report import plots as rp
 from pipeline.run.chain import ChainLayout, layout
@@ -39,10 +40,7 @@ class RunOutput:
         return bool(path) and bool(self.fs.exists(fsspec.core.url_to_fs(path)[1]))
 
     def read_json(self, path: str) -> dict[str, Any] | None:
-        if not self.exists(path):
-            return None
-        with fsspec.open(path, "r") as f:
-            return json.load(f)  # type: ignore[no-any-return]
+        return read_json(path) if path else None
 
     @functools.cached_property
     def run_info(self) -> dict[str, Any] | None:

@@ -16,9 +16,11 @@ from typing import Any
 
 import fsspec
 
-from pipeline.core.config import Config, ConfigError, require
+from pipeline.core.config import Config, require
+from pipeline.core.errors import ConfigError
+from pipeline.core.fsio import put_json, read_json
 from pipeline.core.summary import format_summary
-from pipeline.run.staging import ingest_url_lists, put_json, read_json
+from pipeline.run.staging import ingest_url_lists
 
 log = logging.getLogger(__name__)
 

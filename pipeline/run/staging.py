@@ -12,7 +12,6 @@ keep their numbers whatever the new files are called, and only the new files' sh
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import posixpath
@@ -21,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
 
-from pipeline.core.config import ConfigError
-from pipeline.embed.writer import TMP_MARK, put_bytes
+from pipeline.core.errors import ConfigError
+from pipeline.core.fsio import TMP_MARK, put_json, read_json
 
 if TYPE_CHECKING:
     from pipeline.run.chain import ChainLayout
@@ -30,21 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    """A JSON object file on any fsspec filesystem, or None when it does not exist."""
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.exists(p):
-        return None
-    with fs.open(p, "r") as f:
-        return json.load(f)  # type: ignore[no-any-return]
-
-
-def put_json(path: str, obj: dict[str, Any]) -> None:
-    """Write a JSON object under a temporary name and rename it into place."""
-    fs, p = fsspec.core.url_to_fs(path)
-    put_bytes(fs, p, json.dumps(obj, indent=1, default=str).encode())
 
 
 def _sha256(fs: Any, path: str, copy_to: str | None = None) -> str:

@@ -152,7 +152,9 @@ def test_format_documents_every_metadata_column_with_its_type() -> None:
 
 
 def test_format_documents_every_status_value() -> None:
-    source = (ROOT / "pipeline" / "decode.py").read_text() + (ROOT / "pipeline" / "reader.py").read_text()
+    source = (ROOT / "pipeline" / "embed" / "decode.py").read_text() + (
+        ROOT / "pipeline" / "embed" / "reader.py"
+    ).read_text()
     statuses = set(re.findall(r'SampleError\("(\w+)"', source)) | set(
         re.findall(r'row\.status, row\.error = "(\w+)"', source)
     )

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.config import Config, ConfigError, load_config, require, to_dict
+from pipeline.core.config import Config, load_config, require, to_dict
+from pipeline.core.errors import ConfigError
 
 
 def test_defaults_from_base_yaml() -> None:

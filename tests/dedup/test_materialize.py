@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.dedup.materialize import filter_tar, member_key, put_table, tar_shards, write_histogram
 from pipeline.dedup.stage import dedup
 from tests.support.helpers import make_shards, random_unit, write_fake_embed_output, write_tar

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli.main import main
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.dedup.stage import calibrate, choose_mode, dedup, exact_pairs, keeper_rank, parse_bytes
 from tests.support.helpers import random_unit, write_fake_embed_output
 

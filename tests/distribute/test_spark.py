@@ -18,6 +18,7 @@ import pytest
 import pipeline.distribute.spark as spark_mod
 import pipeline.embed.stage as embed_mod
 from pipeline.core.config import Config, load_config, validate
+from pipeline.core.fsio import TMP_MARK
 from pipeline.distribute.local import get_distributor
 from pipeline.distribute.spark import (
     SparkDistributor,
@@ -30,7 +31,7 @@ from pipeline.distribute.spark import (
 )
 from pipeline.embed.plan import ShardTask
 from pipeline.embed.stage import embed, plan
-from pipeline.embed.writer import TMP_MARK, committed_shards, read_stats, shard_files
+from pipeline.embed.writer import committed_shards, read_stats, shard_files
 from tests.support.helpers import make_shards, overrides
 from tests.support.spark_faults import add_fault
 

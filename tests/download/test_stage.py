@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main as cli
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.download.stage import classify_error, download, expected_shards, format_of
 from pipeline.run.httpserver import LoopbackServer, serve_directory
 from tests.support.helpers import jpeg_bytes

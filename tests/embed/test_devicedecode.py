@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.embed.batch import RawSample
 from pipeline.embed.decode import BatchDecoder
 from pipeline.embed.devicedecode import DeviceDecoder, DevicePreprocess, check_config, probe_jpeg

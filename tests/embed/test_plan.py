@@ -7,7 +7,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.core.config import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.embed.plan import ShardTask, expand_input, plan_shards, shard_id_from_name
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.cli import main as cli
 from pipeline.core.config import Config, load_config
-from pipeline.core.summary import JobFailed
+from pipeline.core.errors import JobFailed
 from pipeline.distribute import local as distributor
 from pipeline.embed.plan import ShardTask
 from pipeline.embed.reader import ReadTimeout

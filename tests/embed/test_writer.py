@@ -123,7 +123,7 @@ def test_empty_shard_commits_stats_only(tmp_path) -> None:
 def test_put_bytes_removes_its_temporary_file_when_the_rename_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     import fsspec
 
-    from pipeline.embed.writer import put_bytes
+    from pipeline.core.fsio import put_bytes
 
     fs = fsspec.filesystem("memory")
 

@@ -38,7 +38,7 @@ import pytest
 
 from pipeline.cli import main as cli
 from pipeline.core.config import load_config
-from pipeline.core.summary import JobFailed
+from pipeline.core.errors import JobFailed
 from pipeline.dedup.stage import dedup
 from pipeline.index.stage import build
 from pipeline.index.store import read_info

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core.config import Config, ConfigError, load_config
-from pipeline.core.summary import JobFailed
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.index.quality import measure
 from pipeline.index.stage import build
 from pipeline.index.store import read_index

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.core.config import ConfigError, ModelConfig, load_config
+from pipeline.core.config import ModelConfig, load_config
+from pipeline.core.errors import ConfigError
 from pipeline.index.stage import build
 from pipeline.query.search import COLUMNS, Searcher, query_cli
 from tests.support.helpers import jpeg_bytes, random_unit, write_fake_embed_output

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.models import EmbeddingModel, ModelLoadError
 from pipeline.query.zeroshot import class_embeddings, classify_cli, model_from_manifest, top_k, zero_shot, zeroshot_path
 from tests.support.helpers import overrides, random_unit, write_fake_embed_output, write_tar

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.cli.main import main
 from pipeline.core.config import load_config
-from pipeline.core.summary import JobFailed
+from pipeline.core.errors import JobFailed
 from pipeline.report import plots as rp
 from pipeline.report import runoutput
 from pipeline.report.page import report_cli, section_queries, sections

@@ -23,7 +23,8 @@ import pytest
 
 from pipeline.cli.main import main
 from pipeline.core import lock as lk
-from pipeline.core.config import ConfigError, load_config
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.run.chain import STAGES, layout, run
 from pipeline.run.httpserver import serve_directory
 from pipeline.run.staging import ingest_url_lists
