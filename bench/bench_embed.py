@@ -96,7 +96,7 @@ def bare_forward(arch: str, ckpt: Path, shard_paths: list[str], batch: int, thre
     import torch
     from PIL import Image
 
-    from pipeline.embed.plan import ShardTask
+    from pipeline.core.tasks import ShardTask
     from pipeline.embed.reader import iter_tar
 
     torch.set_num_threads(threads)

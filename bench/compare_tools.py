@@ -303,7 +303,7 @@ def download_outcome(out: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.download.stage import classify_error
+    from pipeline.download.layout import classify_error
 
     t = pa.concat_tables(pq.read_table(p, columns=["url", "status", "error_message"]) for p in out.glob("*.parquet"))
     per_url = {

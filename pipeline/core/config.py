@@ -284,8 +284,6 @@ def _apply_group(data: dict[str, Any], group: str, name: str, conf_dir: Path) ->
     if path is not None:
         return _merge(data, _read_yaml(path))
     if group == "model":
-        from pipeline.models import parse_model_string
-
         data = copy.deepcopy(data)
         data["model"] = _merge(data.get("model") or {}, parse_model_string(name))
         return data
@@ -320,3 +318,19 @@ def require(cfg: Config, *keys: str) -> None:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+def parse_model_string(spec: str) -> dict[str, Any]:
+    """`open_clip:ViT-B-32/laion2b_s34b_b79k` (clip-retrieval style), `ViT-B-32/tag`, `hf:/dir`, `offline`."""
+    if spec in ("offline", "conse", "offline:conse"):
+        return {"family": "offline"}
+    if spec.startswith("hf:"):
+        return {"family": "hf", "path": spec[3:]}
+    if spec.startswith("open_clip:"):
+        spec = spec[len("open_clip:") :]
+    if spec.startswith("hf-hub:"):
+        return {"family": "open_clip", "arch": spec, "pretrained": None}
+    arch, _, tag = spec.partition("/")
+    if not arch:
+        raise ConfigError(f"model={spec!r}: expected ARCH[/PRETRAINED], open_clip:ARCH/TAG, hf:DIR or offline")
+    return {"family": "open_clip", "arch": arch, "pretrained": tag or None}

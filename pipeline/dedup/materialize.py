@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import TMP_MARK, discard, put_bytes, tmp_name
-from pipeline.embed.plan import expand_input, shard_id_from_name
+from pipeline.core.inputs import expand_input, shard_id_from_name
 from pipeline.embed.writer import shard_files
 
 log = logging.getLogger(__name__)

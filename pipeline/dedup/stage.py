@@ -24,11 +24,12 @@ from pipeline.core.config import Config, DedupConfig, require
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import put_json, put_parquet
 from pipeline.core.logs import timed
+from pipeline.core.timeouts import naming_timeout
 from pipeline.core.workdir import work_folder
 from pipeline.dedup import materialize as mat
 from pipeline.dedup import neighbors as nb
 from pipeline.dedup import semdedup
-from pipeline.dedup.vectors import Embeddings, naming_timeout
+from pipeline.dedup.vectors import Embeddings
 from pipeline.embed.batch import OK
 
 log = logging.getLogger(__name__)

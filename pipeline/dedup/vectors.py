@@ -3,63 +3,22 @@ output (row metadata plus a memory-mapped `VectorSet` over the embedded rows).""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Iterator, TypeVar
 
 import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.core.errors import ConfigError, JobFailed
+from pipeline.core.errors import ConfigError
+from pipeline.core.timeouts import within
 from pipeline.dedup.neighbors import normalize_rows
 from pipeline.embed.batch import OK
 from pipeline.embed.writer import committed_shards, read_manifest, shard_files
 
 T = TypeVar("T")
-
-
-class ReadStalled(JobFailed):
-    """A read of the embed output gave nothing within the read timeout: the job fails instead of hanging."""
-
-
-@contextlib.contextmanager
-def naming_timeout(setting: str) -> Iterator[None]:
-    """Add the config key that bounds the reads to a ReadStalled raised inside, so the message says what to raise."""
-    try:
-        yield
-    except ReadStalled as e:
-        raise ReadStalled(f"{e} ({setting})", e.summary) from e
-
-
-def within(timeout_s: float | None, what: str, fn: Callable[[], T]) -> T:
-    """fn() (one read) when it finishes within timeout_s; otherwise ReadStalled, and the read is abandoned.
-
-    The read runs in a daemon thread: a read blocked in the network cannot be interrupted, and a daemon thread,
-    unlike a thread pool's, never keeps the process from exiting. None: no limit, the read runs in this thread.
-    """
-    if timeout_s is None:
-        return fn()
-    done: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            done.append((True, fn()))
-        except BaseException as e:  # handed to the caller, which re-raises it in its own thread
-            done.append((False, e))
-
-    t = threading.Thread(target=run, name=f"read {what}", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if not done:
-        raise ReadStalled(f"reading {what} stalled: nothing read within {timeout_s:g}s")
-    ok, value = done[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
 
 
 class ShardVectors:

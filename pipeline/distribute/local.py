@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.core.config import Config
-from pipeline.embed.plan import ShardTask
+from pipeline.core.tasks import ShardTask
 
 log = logging.getLogger(__name__)
 

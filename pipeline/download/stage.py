@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import math
 import os
 import posixpath
-import re
 import signal
 import sys
 import threading
@@ -22,11 +20,11 @@ import fsspec
 
 from pipeline.core.config import Config
 from pipeline.core.errors import ConfigError, JobFailed
+from pipeline.download import layout
 from pipeline.download.urllist import FORMATS, InputPlan, format_of, plan_input  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-STATS_RE = re.compile(r"^(\d+)_stats\.json$")
 LEGACY_ASIDE = ".clipline_aside"  # where versions before the run record moved to _clipline/ set run.json aside
 
 
@@ -42,59 +40,18 @@ def expected_shards(rows_per_file: list[int], per_shard: int) -> dict[int, int]:
     return out
 
 
-def classify_error(message: str | None) -> str:
-    """Fold img2dataset's free-text error messages into a few reasons that can be counted."""
-    msg = (message or "").strip()
-    low = msg.lower()
-    m = re.search(r"http error (\d{3})", low)
-    if m:
-        return f"http {m.group(1)}"
-    rules = (
-        (("timed out", "timeout"), "timeout"),
-        (("image decoding error", "cannot identify image", "imdecode"), "cannot decode image"),
-        (("connection refused",), "connection refused"),
-        (("connection reset", "remote end closed", "remotedisconnected", "incompleteread"), "connection closed"),
-        (("name or service not known", "nodename nor servname", "getaddrinfo"), "dns"),
-        (("ssl", "certificate"), "ssl"),
-        (("x-robots-tag",), "disallowed by X-Robots-Tag"),
-        (("image too small",), "image too small"),
-        (("image area too large",), "image area too large"),
-        (("aspect ratio too large",), "aspect ratio too large"),
-        (("hash mismatch",), "hash mismatch"),
-        (("unknown url type", "no host given"), "bad url"),
-    )
-    for needles, reason in rules:
-        if any(n in low for n in needles):
-            return reason
-    return f"other: {msg[:80]}" if msg else "other: no message"
-
-
-def _stats_files(fs: Any, root: str) -> dict[int, str]:
-    """Shard id -> its _stats.json path: img2dataset writes it last, so it marks a completed shard."""
-    if not fs.exists(root):
-        return {}
-    out = {}
-    for p in fs.glob(root.rstrip("/") + "/*_stats.json"):
-        m = STATS_RE.match(posixpath.basename(p))
-        if m:
-            out[int(m.group(1))] = p
-    return out
-
-
 def _repair_after_kill(fs: Any, root: str) -> None:
     """Undo what a killed run can leave: torn stats files (img2dataset writes them in place); and move an earlier
     version's run record out of img2dataset's way."""
     if not fs.exists(root):
         return
     _move_legacy_record(fs, root)
-    for sid, p in _stats_files(fs, root).items():
+    for sid, shard in layout.completed(fs, root).items():
         try:
-            with fs.open(p, "r") as f:
-                json.load(f)
+            layout.read_stats(fs, shard)
         except ValueError:
             log.warning("shard %05d: torn stats file from an interrupted run; the shard will be redone", sid)
-            stem = p[: -len("_stats.json")]
-            for q in (p, stem + ".tar", stem + ".parquet"):
+            for q in (shard.stats, shard.tar, shard.urls):
                 if fs.exists(q):
                     fs.rm(q)
 
@@ -123,7 +80,7 @@ def _check_no_foreign_json(fs: Any, root: str) -> None:
     foreign = sorted(
         posixpath.basename(p)
         for p in fs.glob(root.rstrip("/") + "/*.json")
-        if not STATS_RE.match(posixpath.basename(p))
+        if not layout.STATS_RE.match(posixpath.basename(p))
     )
     if foreign:
         raise ConfigError(
@@ -218,12 +175,9 @@ def _run_img2dataset(cfg: Config, kwargs: dict[str, Any]) -> None:
 
 def _check_done_shards(fs: Any, root: str, expected: dict[int, int], done: set[int]) -> None:
     """Completed shards must match the plan; otherwise incremental mode would skip the wrong URLs."""
-    import json
-
-    stats = _stats_files(fs, root)
+    stats = layout.completed(fs, root)
     for s in sorted(done & set(expected)):
-        with fs.open(stats[s], "r") as f:
-            count = int(json.load(f).get("count", -1))
+        count = int(layout.read_stats(fs, stats[s]).get("count", -1))
         if count != expected[s]:
             raise ConfigError(
                 f"download.number_sample_per_shard: shard {s} in {root} holds {count} URLs but this URL list and "
@@ -232,32 +186,14 @@ def _check_done_shards(fs: Any, root: str, expected: dict[int, int], done: set[i
             )
 
 
-def _count_shard(fs: Any, parquet_path: str) -> tuple[int, collections.Counter[str]]:
-    import pyarrow.parquet as pq
-
-    with fs.open(parquet_path, "rb") as f:
-        table = pq.read_table(f, columns=["status", "error_message"])
-    ok = 0
-    reasons: collections.Counter[str] = collections.Counter()
-    for status, err in zip(table.column("status").to_pylist(), table.column("error_message").to_pylist(), strict=True):
-        if status == "success":
-            ok += 1
-        else:
-            reasons[classify_error(err)] += 1
-    return ok, reasons
-
-
 def summarize(
     fs: Any, root: str, plan: InputPlan, expected: dict[int, int], before: set[int], seconds: float
 ) -> dict[str, Any]:
     """Build the job summary from img2dataset's per-shard parquet and stats files."""
-    import json
-
-    stats_paths = _stats_files(fs, root)
-    done = sorted(set(stats_paths) & set(expected))
-    parquets = [stats_paths[s][: -len("_stats.json")] + ".parquet" for s in done]
-    with ThreadPool(min(16, max(1, len(parquets)))) as pool:  # remote filesystems: overlap the round trips
-        counts = pool.map(lambda p: _count_shard(fs, p), parquets)
+    shards = layout.completed(fs, root)
+    done = sorted(set(shards) & set(expected))
+    with ThreadPool(min(16, max(1, len(done)))) as pool:  # remote filesystems: overlap the round trips
+        counts = pool.map(lambda s: layout.url_outcomes(fs, shards[s]), done)
     written = 0
     reasons: collections.Counter[str] = collections.Counter()
     for ok, r in counts:
@@ -266,8 +202,7 @@ def summarize(
     new = [s for s in done if s not in before]
     urls_this_run = 0
     for s in new:
-        with fs.open(stats_paths[s], "r") as f:
-            urls_this_run += int(json.load(f).get("count", 0))
+        urls_this_run += int(layout.read_stats(fs, shards[s]).get("count", 0))
     failed = sum(reasons.values())
     summary: dict[str, Any] = {
         "urls_in": plan.urls_in,
@@ -300,7 +235,7 @@ def download(cfg: Config) -> dict[str, Any]:
     expected = expected_shards(plan.rows_per_file, dl.number_sample_per_shard)
     fs, root = fsspec.core.url_to_fs(cfg.output)
     _repair_after_kill(fs, root)
-    before = set(_stats_files(fs, root)) if dl.incremental else set()
+    before = set(layout.completed(fs, root)) if dl.incremental else set()
     log.info(
         "%d URLs from %s -> %d shards in %s (%d already done)",
         plan.urls_in,

@@ -3,99 +3,22 @@
 from __future__ import annotations
 
 import posixpath
-import re
-from dataclasses import dataclass
-from typing import Iterable
 
 import fsspec
-from braceexpand import braceexpand
 
 from pipeline.core.errors import ConfigError
-
-TAR_EXT = (".tar",)
-PARQUET_EXT = (".parquet",)
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One input shard to process: small, picklable and deterministic."""
-
-    shard_id: str
-    input_url: str  # a tar/parquet URL, or for folder inputs a "folder shard" (see members)
-    output: str
-    kind: str  # "webdataset" | "parquet" | "folder"
-    members: tuple[str, ...] = ()  # folder inputs: the image URLs of this shard, sorted
-
-    def members_digest(self) -> str | None:
-        """Identifies a folder shard's content, so a committed one is redone when the folder changed."""
-        if not self.members:
-            return None
-        import hashlib
-
-        return hashlib.sha256("\n".join(self.members).encode()).hexdigest()
-
-
-def shard_id_from_name(url: str) -> str:
-    """Stable shard id from an input file name: numeric stems zero-padded to 5, others sanitized."""
-    stem = posixpath.basename(url.rstrip("/"))
-    for ext in TAR_EXT + PARQUET_EXT:
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-    if stem.isdigit():
-        return stem.zfill(5)
-    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
-    if not clean:
-        raise ConfigError(f"input {url!r}: cannot derive a shard name")
-    return clean
-
-
-def _kind_of(url: str) -> str | None:
-    low = url.lower()
-    if low.endswith(TAR_EXT):
-        return "webdataset"
-    if low.endswith(PARQUET_EXT):
-        return "parquet"
-    if low.endswith(IMAGE_EXT):
-        return "image"
-    return None
-
-
-def _expand_one(pattern: str) -> list[str]:
-    """Brace-expand, glob, or list a folder; returns protocol-qualified URLs, sorted."""
-    out: list[str] = []
-    for item in braceexpand(pattern):
-        fs, path = fsspec.core.url_to_fs(item)
-        if any(c in path for c in "*?["):
-            found = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if _kind_of(p) is not None)
-        elif fs.exists(path):
-            found = [path]
-        else:
-            raise ConfigError(f"input: {item} does not exist")
-        out.extend(fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p for p in found)
-    return out
-
-
-def expand_input(spec: str | Iterable[str]) -> list[str]:
-    """Every input file named by a path, folder, brace pattern, glob, list or fsspec URL, in a stable order."""
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for p in patterns:
-        urls.extend(_expand_one(p))
-    if not urls:
-        raise ConfigError(f"input: {spec!r} names no files")
-    return urls
+from pipeline.core.inputs import kind_of, shard_id_from_name
+from pipeline.core.tasks import ShardTask
+from pipeline.download import layout as download_layout
 
 
 def plan_shards(
     urls: list[str], output: str, input_format: str = "auto", folder_shard_size: int = 10000
 ) -> list[ShardTask]:
     """Turn input files into ShardTasks; pure, so it is tested exhaustively and runs the same everywhere."""
-    kinds = {u: (input_format if input_format != "auto" else _kind_of(u)) for u in urls}
+    kinds = {u: (input_format if input_format != "auto" else kind_of(u)) for u in urls}
     if input_format == "folder":
-        kinds = {u: ("image" if _kind_of(u) == "image" else None) for u in urls}
+        kinds = {u: ("image" if kind_of(u) == "image" else None) for u in urls}
     unknown = [u for u, k in kinds.items() if k is None]
     if unknown and input_format == "auto":
         shards = [u for u in urls if kinds[u] is not None]
@@ -137,9 +60,7 @@ def drop_unfinished_downloads(urls: list[str]) -> tuple[list[str], list[str]]:
         d = posixpath.dirname(u)
         if d not in by_dir:
             fs, path = fsspec.core.url_to_fs(d)
-            by_dir[d] = {posixpath.basename(p) for p in fs.ls(path, detail=False) if p.endswith("_stats.json")}
-        stats = by_dir[d]
-        stem = posixpath.basename(u)[: -len(".tar")]
-        (keep if not stats or f"{stem}_stats.json" in stats else unfinished).append(u)
+            by_dir[d] = download_layout.stats_names(fs, path)
+        (unfinished if download_layout.is_unfinished_tar(u, by_dir[d]) else keep).append(u)
     sidecars = {u[: -len(".tar")] + ".parquet" for u in unfinished}
     return [u for u in keep if u not in sidecars], unfinished

@@ -13,8 +13,9 @@ from typing import Any, Iterator
 import fsspec
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from pipeline.core.inputs import IMAGE_EXT
+from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import RawSample
-from pipeline.embed.plan import IMAGE_EXT, ShardTask
 
 log = logging.getLogger(__name__)
 

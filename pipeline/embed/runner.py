@@ -15,9 +15,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.core.config import Config, EmbedConfig
+from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import OK, DecodedBatch, EmbeddedBatch, RawSample
 from pipeline.embed.decode import BatchDecoder
-from pipeline.embed.plan import ShardTask
 from pipeline.embed.reader import ShardDamaged, iter_samples, threaded
 from pipeline.embed.writer import ShardWriter
 from pipeline.models import EmbeddingModel, load_model

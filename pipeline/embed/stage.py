@@ -11,8 +11,10 @@ from tqdm import tqdm
 
 from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
+from pipeline.core.inputs import expand_input
+from pipeline.core.tasks import ShardTask
 from pipeline.distribute.local import TaskResult, get_distributor
-from pipeline.embed.plan import ShardTask, drop_unfinished_downloads, expand_input, plan_shards
+from pipeline.embed.plan import drop_unfinished_downloads, plan_shards
 from pipeline.embed.summary import summarize_embed
 from pipeline.embed.writer import (
     ManifestMismatch,

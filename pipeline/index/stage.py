@@ -28,8 +28,8 @@ import pandas as pd
 
 from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
+from pipeline.core.timeouts import naming_timeout, within
 from pipeline.core.workdir import tempfiles_in, work_folder
-from pipeline.dedup.vectors import naming_timeout, within
 from pipeline.embed.writer import committed_shards, read_manifest
 from pipeline.index.build import pyspark_session, restore_threads, run_autofaiss
 from pipeline.index.quality import iter_vectors, measure, read_shard, sample_vectors

@@ -55,24 +55,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def parse_model_string(spec: str) -> dict[str, Any]:
-    """`open_clip:ViT-B-32/laion2b_s34b_b79k` (clip-retrieval style), `ViT-B-32/tag`, `hf:/dir`, `offline`."""
-    if spec in ("offline", "conse", "offline:conse"):
-        return {"family": "offline"}
-    if spec.startswith("hf:"):
-        return {"family": "hf", "path": spec[3:]}
-    if spec.startswith("open_clip:"):
-        spec = spec[len("open_clip:") :]
-    if spec.startswith("hf-hub:"):
-        return {"family": "open_clip", "arch": spec, "pretrained": None}
-    arch, _, tag = spec.partition("/")
-    if not arch:
-        from pipeline.core.errors import ConfigError
-
-        raise ConfigError(f"model={spec!r}: expected ARCH[/PRETRAINED], open_clip:ARCH/TAG, hf:DIR or offline")
-    return {"family": "open_clip", "arch": arch, "pretrained": tag or None}
-
-
 _LOADERS: dict[str, Callable[["ModelConfig"], EmbeddingModel]] = {}
 _FINGERPRINTS: dict[str, Callable[["ModelConfig"], dict[str, Any]]] = {}
 # Where each family registers its loader (imports torch) and its fingerprint (open_clip and hf: torch-free,

@@ -29,7 +29,7 @@ QUERIES_SAMPLED, HITS_SHOWN = 3, 6
 
 def section_counts(out: RunOutput) -> str:
     """From the per-shard stats files only, so it stays cheap on any dataset size."""
-    from pipeline.download.stage import classify_error
+    from pipeline.download.layout import classify_error
 
     parts, reasons = [], {}
     if not out.download_stats:

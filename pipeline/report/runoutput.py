@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import posixpath
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.fsio import read_json
+from pipeline.download import layout as download_layout
 from pipeline.embed.writer import committed_shards, read_manifest, read_stats, shard_files
 from pipeline.report import plots as rp
 from pipeline.run.chain import ChainLayout, layout
@@ -75,26 +75,22 @@ class RunOutput:
         return sum(int(s.get("status_counts", {}).get("ok", 0)) for s in self.embed_stats)
 
     @functools.cached_property
-    def download_stats(self) -> dict[str, dict[str, Any]]:
-        """img2dataset's NNNNN_stats.json of every completed download shard."""
-        from pipeline.download.stage import STATS_RE
+    def download_shards(self) -> dict[int, download_layout.DownloadShard]:
+        """img2dataset's completed download shards."""
+        return download_layout.completed_at(self.paths.shards) if self.paths.shards else {}
 
-        if not self.exists(self.paths.shards):
-            return {}
-        out = {}
-        for p in sorted(self.fs.ls(fsspec.core.url_to_fs(self.paths.shards)[1], detail=False)):
-            if STATS_RE.match(posixpath.basename(p)):
-                with self.fs.open(p, "r") as f:
-                    out[posixpath.basename(p)[: -len("_stats.json")]] = json.load(f)
-        return out
+    @functools.cached_property
+    def download_stats(self) -> dict[str, dict[str, Any]]:
+        """img2dataset's NNNNN_stats.json of every completed download shard, by shard name."""
+        return {s.name: download_layout.read_stats(self.fs, s) for s in self.download_shards.values()}
 
     def download_rows(self) -> pd.DataFrame | None:
         """status and error_message of every URL of the completed download shards."""
-        if not self.download_stats:
+        if not self.download_shards:
             return None
         parts = []
-        for sid in self.download_stats:
-            with fsspec.open(posixpath.join(self.paths.shards, f"{sid}.parquet"), "rb") as f:
+        for s in self.download_shards.values():
+            with self.fs.open(s.urls, "rb") as f:
                 parts.append(pd.read_parquet(f, columns=["status", "error_message"]))
         return pd.concat(parts, ignore_index=True)
 

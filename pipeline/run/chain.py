@@ -5,7 +5,6 @@ lock, ending with a machine-readable OUTPUT/summary.json; a folder of URL lists 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -20,6 +19,7 @@ from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import put_json, read_json
 from pipeline.core.summary import format_summary
+from pipeline.download import layout as download_layout
 from pipeline.run.staging import ingest_url_lists
 
 log = logging.getLogger(__name__)
@@ -64,25 +64,16 @@ def stage_config(cfg: Config, input: Any, output: str) -> Config:
 # ---- download counts -----------------------------------------------------------------------------------
 
 
-def _new_download_counts(shards_dir: str, before: set[str]) -> dict[str, int]:
+def _new_download_counts(shards_dir: str, before: set[int]) -> dict[str, int]:
     """URLs and images of the download shards completed by this run (img2dataset stats files not there before)."""
     fs, root = fsspec.core.url_to_fs(shards_dir)
     urls = images = 0
-    for p in sorted(set(_stats_names(shards_dir)) - before):
-        with fs.open(posixpath.join(root, p), "r") as f:
-            s = json.load(f)
-        urls += int(s.get("count", 0))
-        images += int(s.get("successes", 0))
+    for n, shard in download_layout.completed(fs, root).items():
+        if n not in before:
+            s = download_layout.read_stats(fs, shard)
+            urls += int(s.get("count", 0))
+            images += int(s.get("successes", 0))
     return {"urls_downloaded": urls, "images_downloaded": images}
-
-
-def _stats_names(shards_dir: str) -> list[str]:
-    from pipeline.download.stage import STATS_RE
-
-    fs, root = fsspec.core.url_to_fs(shards_dir)
-    if not fs.exists(root):
-        return []
-    return [n for n in (posixpath.basename(p) for p in fs.ls(root, detail=False)) if STATS_RE.match(n)]
 
 
 def _is_dir(url: str) -> bool:
@@ -120,7 +111,7 @@ def _run_stage(cfg: Config, stage: str, paths: ChainLayout, facts: dict[str, Any
 
             facts.update(ingest_url_lists(source, paths, cfg.download.input_format, check))
             source = paths.url_lists
-        before = set(_stats_names(paths.shards))
+        before = set(download_layout.completed_at(paths.shards))
         result = download(stage_config(cfg, source, paths.shards))
         facts.update(_new_download_counts(paths.shards, before))
         return dict(result, **{k: v for k, v in facts.items() if k != "new_files"})

@@ -220,7 +220,7 @@ class _FakeModel:
 
 def test_format_documents_every_stats_key(tmp_path: Path) -> None:
     from pipeline.core.config import EmbedConfig
-    from pipeline.embed.plan import ShardTask
+    from pipeline.core.tasks import ShardTask
     from pipeline.embed.runner import run_shard
     from tests.support.helpers import make_shards
 

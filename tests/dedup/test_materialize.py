@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.dedup.materialize import filter_tar, member_key, put_table, tar_shards, write_histogram
+from pipeline.dedup.materialize import filter_tar, member_key, tar_shards, write_histogram
 from pipeline.dedup.stage import dedup
 from tests.support.helpers import make_shards, random_unit, write_fake_embed_output, write_tar
 
@@ -91,14 +91,6 @@ def test_tar_shards_maps_ids_and_ignores_other_files(tmp_path: Path) -> None:
     (tmp_path / "empty" / "a.parquet").write_bytes(b"x")
     with pytest.raises(ConfigError, match="dedup.shards"):
         tar_shards(str(tmp_path / "empty"))
-
-
-def test_put_table_replaces_atomically(tmp_path: Path) -> None:
-    path = tmp_path / "t" / "keep.parquet"
-    put_table(pd.DataFrame({"key": ["a"]}), str(path))
-    put_table(pd.DataFrame({"key": ["b", "c"]}), str(path))
-    assert pd.read_parquet(path)["key"].tolist() == ["b", "c"]
-    assert [p.name for p in path.parent.iterdir()] == ["keep.parquet"]
 
 
 def test_histogram_is_a_png(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.config import load_config
+from pipeline.core.tasks import ShardTask
 from pipeline.distribute.local import LocalDistributor, get_distributor
-from pipeline.embed.plan import ShardTask
 from tests.support.faults import FAULT_DIR
 
 

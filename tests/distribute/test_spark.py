@@ -19,6 +19,7 @@ import pipeline.distribute.spark as spark_mod
 import pipeline.embed.stage as embed_mod
 from pipeline.core.config import Config, load_config, validate
 from pipeline.core.fsio import TMP_MARK
+from pipeline.core.tasks import ShardTask
 from pipeline.distribute.local import get_distributor
 from pipeline.distribute.spark import (
     SparkDistributor,
@@ -29,7 +30,6 @@ from pipeline.distribute.spark import (
     spark_session,
     stop_session,
 )
-from pipeline.embed.plan import ShardTask
 from pipeline.embed.stage import embed, plan
 from pipeline.embed.writer import committed_shards, read_stats, shard_files
 from tests.support.helpers import make_shards, overrides

@@ -20,7 +20,8 @@ from PIL import Image
 from pipeline.cli import main as cli
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.download.stage import classify_error, download, expected_shards, format_of
+from pipeline.download.layout import classify_error
+from pipeline.download.stage import download, expected_shards, format_of
 from pipeline.run.httpserver import LoopbackServer, serve_directory
 from tests.support.helpers import jpeg_bytes
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
+from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import RawSample
 from pipeline.embed.decode import BatchDecoder
 from pipeline.embed.devicedecode import DeviceDecoder, DevicePreprocess, check_config, probe_jpeg
-from pipeline.embed.plan import ShardTask
 from pipeline.embed.runner import embed_worker, get_model, run_shard
 from pipeline.models import EmbeddingModel
 from tests.support.helpers import hostile_samples, jpeg_bytes, load_shard, overrides, write_tar

@@ -8,7 +8,9 @@ import fsspec
 import pytest
 
 from pipeline.core.errors import ConfigError
-from pipeline.embed.plan import ShardTask, expand_input, plan_shards, shard_id_from_name
+from pipeline.core.inputs import expand_input, shard_id_from_name
+from pipeline.core.tasks import ShardTask
+from pipeline.embed.plan import plan_shards
 
 
 def _touch(p: Path) -> Path:

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import RawSample
-from pipeline.embed.plan import ShardTask
 from pipeline.embed.reader import ReadTimeout, ShardDamaged, iter_samples, threaded
 from tests.support.helpers import jpeg_bytes, write_tar
 

@@ -23,8 +23,8 @@ from PIL import Image
 from pipeline.cli import main as cli
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import JobFailed
+from pipeline.core.tasks import ShardTask
 from pipeline.distribute import local as distributor
-from pipeline.embed.plan import ShardTask
 from pipeline.embed.reader import ReadTimeout
 from pipeline.embed.runner import get_model, run_shard
 from pipeline.embed.stage import embed

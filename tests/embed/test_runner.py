@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline.core.config import load_config
-from pipeline.embed.plan import ShardTask
+from pipeline.core.tasks import ShardTask
 from pipeline.embed.runner import get_model, run_shard
 from pipeline.embed.writer import committed_shards, read_stats
 from tests.support.helpers import hostile_samples, jpeg_bytes, load_shard, overrides, write_tar

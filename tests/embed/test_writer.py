@@ -118,19 +118,3 @@ def test_empty_shard_commits_stats_only(tmp_path) -> None:
     assert committed_shards(out) == ["00001"]  # readers only see shards with data
     assert not (tmp_path / "img_emb" / "img_emb_00000.npy").exists()
     assert uncommitted_leftovers(out) == []
-
-
-def test_put_bytes_removes_its_temporary_file_when_the_rename_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fsspec
-
-    from pipeline.core.fsio import put_bytes
-
-    fs = fsspec.filesystem("memory")
-
-    def failing_mv(*args: object, **kwargs: object) -> None:
-        raise OSError("injected: rename failed")
-
-    monkeypatch.setattr(fs, "mv", failing_mv)
-    with pytest.raises(OSError, match="injected"):
-        put_bytes(fs, "/putbytes/out/summary.json", b"{}")
-    assert fs.ls("/putbytes/out", detail=False) == []  # neither the final file nor a temporary one

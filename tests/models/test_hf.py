@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.core.config import load_config
-from pipeline.models import ModelLoadError, load_model, model_fingerprint, parse_model_string
+from pipeline.core.config import load_config, parse_model_string
+from pipeline.models import ModelLoadError, load_model, model_fingerprint
 from pipeline.models.hf import HFDualEncoder
 from tests.support.helpers import jpeg_bytes, make_shards
 
@@ -193,7 +193,7 @@ def test_int8_close_to_fp32(clip: HFDualEncoder, clip_dir: Path) -> None:
 
 
 def test_run_shard_with_hf_model(clip: HFDualEncoder, tmp_path: Path) -> None:
-    from pipeline.embed.plan import ShardTask
+    from pipeline.core.tasks import ShardTask
     from pipeline.embed.runner import run_shard
 
     (tar,) = make_shards(tmp_path / "in", n_shards=1, per_shard=5)

@@ -154,7 +154,7 @@ def test_missing_package_is_a_load_error_with_install_hint(monkeypatch: pytest.M
 
 @pytest.mark.slow
 def test_run_shard_embeds_with_offline_model(model: offline.OfflineConseModel, tmp_path: Path) -> None:
-    from pipeline.embed.plan import ShardTask
+    from pipeline.core.tasks import ShardTask
     from pipeline.embed.runner import run_shard
     from pipeline.embed.writer import committed_shards
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.core.config import load_config
-from pipeline.models import ModelLoadError, load_model, model_fingerprint, parse_model_string
+from pipeline.core.config import load_config, parse_model_string
+from pipeline.models import ModelLoadError, load_model, model_fingerprint
 from pipeline.models.openclip import (
     OpenClipModel,
     encode_text_by_length,

@@ -139,7 +139,7 @@ def test_classify_cli_with_offline_model_on_photos(tmp_path: Path, monkeypatch: 
     from PIL import Image
 
     import pipeline.models as models
-    from pipeline.embed.plan import ShardTask
+    from pipeline.core.tasks import ShardTask
     from pipeline.embed.runner import run_shard
     from pipeline.embed.stage import build_manifest
     from pipeline.embed.writer import check_or_write_manifest

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.embed.plan import ShardTask
+from pipeline.core.tasks import ShardTask
 from pipeline.embed.runner import embed_worker
 
 FAULT_DIR = "CLIPLINE_TEST_FAULT_DIR"

@@ -17,8 +17,8 @@ import fsspec
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from pipeline.core.config import Config
+from pipeline.core.tasks import ShardTask
 from pipeline.distribute.local import Distributor, TaskResult, resolve_worker
-from pipeline.embed.plan import ShardTask
 
 PROTOCOL = "faultymem"
 FAULT_DIR = "CLIPLINE_TEST_FAULT_DIR"  # same variable as tests/support/faults.py: a folder shared with spawned workers

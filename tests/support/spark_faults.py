@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.embed.plan import ShardTask
+from pipeline.core.tasks import ShardTask
 
 
 def fault_dir(output: str) -> str:
