@@ -32,13 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 def generate(root: Path, n: int, dim: int, per_shard: int, seed: int = 0) -> None:
     from pipeline.embed.batch import OK, EmbeddedBatch, SampleRow
-    from pipeline.embed.writer import (
-        ShardWriter,
-        check_or_write_manifest,
-        committed_shards,
-        new_manifest,
-        update_manifest,
-    )
+    from pipeline.embed.writer import ShardWriter, check_or_write_manifest, update_manifest
+    from pipeline.embeddings.layout import committed_shards, new_manifest
 
     n_shards = -(-n // per_shard)
     if len(committed_shards(str(root))) == n_shards:
@@ -89,7 +84,7 @@ def generate(root: Path, n: int, dim: int, per_shard: int, seed: int = 0) -> Non
 
 def subset(root: Path, n_shards: int) -> Path:
     """The first n_shards of root, as links (the same files), for a smaller exact run."""
-    from pipeline.embed.writer import committed_shards, shard_files
+    from pipeline.embeddings.layout import committed_shards, shard_files
 
     sub = root.parent / f"{root.name}-first{n_shards}"
     if len(committed_shards(str(sub))) == n_shards:

@@ -29,13 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 def generate(root: Path, n: int, dim: int, per_shard: int, clusters: int, seed: int = 0) -> None:
     from pipeline.embed.batch import OK, EmbeddedBatch, SampleRow
-    from pipeline.embed.writer import (
-        ShardWriter,
-        check_or_write_manifest,
-        committed_shards,
-        new_manifest,
-        update_manifest,
-    )
+    from pipeline.embed.writer import ShardWriter, check_or_write_manifest, update_manifest
+    from pipeline.embeddings.layout import committed_shards, new_manifest
 
     n_shards = -(-n // per_shard)
     if len(committed_shards(str(root))) == n_shards:

@@ -409,17 +409,16 @@ def compare_index(args: argparse.Namespace, work: Path) -> None:
     import faiss
     from bench_index import generate
 
-    from pipeline.embed.writer import committed_shards
-    from pipeline.index.quality import read_shard
+    from pipeline.embeddings.read import EmbeddingSet
 
     print("\n== 3. index vs autofaiss ==", flush=True)
     data = Path(args.index_data) / f"n{args.n}-d{args.dim}-c{args.clusters}"
     generate(data, args.n, args.dim, 10_000, args.clusters)
-    shards = committed_shards(str(data))
+    emb = EmbeddingSet(str(data))
     faiss.omp_set_num_threads(args.threads)
 
     def blocks() -> Any:
-        return (read_shard(str(data), sid, "image")[0] for sid in shards)
+        return emb.iter_kept("image")
 
     budget = {
         "max_index_memory_usage": args.budget,

@@ -23,7 +23,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.embed.writer import committed_shards  # noqa: E402
+from pipeline.embeddings.layout import committed_shards  # noqa: E402
 from tests.support.helpers import make_shards, make_tiny_checkpoint, overrides  # noqa: E402
 
 

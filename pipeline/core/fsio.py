@@ -24,6 +24,12 @@ def is_temporary(path: str) -> bool:
     return TMP_MARK in posixpath.basename(path.rstrip("/"))
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether a filesystem is the local disk (memory-mapping and os paths work there)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 def discard(fs: fsspec.AbstractFileSystem, tmp: str) -> None:
     """Remove a temporary file after a failed write; a storage that fails again must not hide the first error."""
     with contextlib.suppress(OSError):

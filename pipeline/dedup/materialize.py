@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import TMP_MARK, discard, put_bytes, tmp_name
 from pipeline.core.inputs import expand_input, shard_id_from_name
-from pipeline.embed.writer import shard_files
+from pipeline.embeddings.read import EmbeddingSet
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def tar_shards(spec: str) -> dict[str, str]:
     return {shard_id_from_name(u): u for u in tars}
 
 
-def write_urls(folder: str, shard_ids: list[str], keep: pd.DataFrame, path: str) -> int:
+def write_urls(emb: EmbeddingSet, keep: pd.DataFrame, path: str) -> int:
     """urls.parquet: key, url, caption of the kept samples, streamed shard by shard from the embed metadata."""
     fs, final = fsspec.core.url_to_fs(path)
     tmp = tmp_name(final)
@@ -145,9 +145,8 @@ def write_urls(folder: str, shard_ids: list[str], keep: pd.DataFrame, path: str)
     rows = 0
     try:
         with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as w:
-            for sid in shard_ids:
-                with fsspec.open(shard_files(folder, sid).metadata, "rb") as mf:
-                    t = pq.read_table(mf, columns=["key", "url", "caption"])
+            for sid in emb.shards:
+                t = pa.Table.from_pandas(emb.metadata(sid, ["key", "url", "caption"]), preserve_index=False)
                 mask = pa.array(np.isin(t["key"].to_numpy(zero_copy_only=False), list(kept_by_shard.get(sid, ()))))
                 t = t.filter(mask).cast(schema)
                 rows += t.num_rows
@@ -159,11 +158,12 @@ def write_urls(folder: str, shard_ids: list[str], keep: pd.DataFrame, path: str)
     return rows
 
 
-def materialize(folder: str, shard_ids: list[str], spec: str | None, output: str, keep: pd.DataFrame) -> dict[str, Any]:
+def materialize(emb: EmbeddingSet, spec: str | None, output: str, keep: pd.DataFrame) -> dict[str, Any]:
     """Filtered copies of the embedded tar shards (OUTPUT/shards/{shard}.tar) and OUTPUT/urls.parquet."""
     if spec is None:
         raise ConfigError("dedup.shards: required when dedup.materialize=true")
     tars = tar_shards(spec)
+    shard_ids = emb.shards
     missing = sorted(set(shard_ids) - set(tars))
     if missing:
         log.warning("materialize: %d embedded shards have no tar in %s (first: %s)", len(missing), spec, missing[:3])
@@ -176,5 +176,5 @@ def materialize(folder: str, shard_ids: list[str], spec: str | None, output: str
         totals["shards"] += 1
         for k, v in counts.items():
             totals[k] += v
-    totals["urls"] = write_urls(folder, shard_ids, keep, posixpath.join(output, "urls.parquet"))
+    totals["urls"] = write_urls(emb, keep, posixpath.join(output, "urls.parquet"))
     return totals

@@ -30,7 +30,6 @@ from pipeline.dedup import materialize as mat
 from pipeline.dedup import neighbors as nb
 from pipeline.dedup import semdedup
 from pipeline.dedup.vectors import Embeddings
-from pipeline.embed.batch import OK
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def assign_groups(n: int, a: np.ndarray, b: np.ndarray, rank: np.ndarray) -> tup
 
 def drop_filters(rows: pd.DataFrame, dc: DedupConfig, near_reference: np.ndarray) -> dict[str, np.ndarray]:
     """Masks of rows dropped whatever their group: not embedded, low clip score, near the reference set."""
-    out = {"not_embedded": (rows["status"] != OK).to_numpy(), "near_reference": near_reference}
+    out = {"not_embedded": ~rows["embedded"].to_numpy(bool), "near_reference": near_reference}
     if dc.min_clip_score is not None:
         score = rows["clip_score"].to_numpy(np.float64, na_value=np.nan)
         out["low_clip_score"] = score < dc.min_clip_score  # no score (no caption) is not a low score
@@ -297,7 +296,7 @@ def write_outputs(
     mat.write_histogram(found.nn_sim, dc.threshold, posixpath.join(output, "similarity_hist.png"), found.method)
     if not dc.materialize:
         return None
-    return mat.materialize(emb.folder, emb.shards, dc.shards, output, tables["keep"])
+    return mat.materialize(emb.set, dc.shards, output, tables["keep"])
 
 
 def dedup(cfg: Config) -> dict[str, Any]:
@@ -318,7 +317,7 @@ def dedup(cfg: Config) -> dict[str, Any]:
             found = near_search(vs, dc, budget, workdir)
         timings["near_search"] = tm["seconds"]
         a, b = emb.row_of[found.pairs.a], emb.row_of[found.pairs.b]
-        ok = (emb.rows["status"] == OK).to_numpy()
+        ok = emb.rows["embedded"].to_numpy(bool)
         ea, eb = exact_pairs(emb.rows["sha256"], ok) if dc.exact else (np.zeros(0, np.int64),) * 2
         near_ref = np.zeros(len(emb), bool)
         matches = None

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from pipeline.core.config import Config
 from pipeline.core.tasks import ShardTask
 from pipeline.distribute.local import Distributor, TaskResult, resolve_worker
-from pipeline.embed.writer import committed_shards, read_stats, shard_files
+from pipeline.embeddings.layout import committed_shards, read_stats, shard_files
 
 if TYPE_CHECKING:
     from pyspark import SparkContext

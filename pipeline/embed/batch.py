@@ -70,7 +70,7 @@ class EmbeddedBatch:
         return np.where(has_both, score, np.nan).astype(np.float32)
 
     def metadata_table(self) -> pa.Table:
-        from pipeline.embed.writer import METADATA_SCHEMA
+        from pipeline.embeddings.layout import METADATA_SCHEMA
 
         r = self.rows
         cols = {

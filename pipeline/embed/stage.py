@@ -17,16 +17,13 @@ from pipeline.distribute.local import TaskResult, get_distributor
 from pipeline.embed.plan import drop_unfinished_downloads, plan_shards
 from pipeline.embed.summary import summarize_embed
 from pipeline.embed.writer import (
-    ManifestMismatch,
     check_or_write_manifest,
-    committed_shards,
-    new_manifest,
-    read_stats,
     remove_uncommitted,
     sweep_temporary,
     uncommit,
     update_manifest,
 )
+from pipeline.embeddings.layout import ManifestMismatch, committed_shards, new_manifest, read_stats
 from pipeline.models import model_fingerprint
 
 log = logging.getLogger(__name__)

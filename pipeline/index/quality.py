@@ -1,18 +1,16 @@
-"""The indexable vectors of an embed output, and how well an index finds them: recall@k against exact search, latency."""
+"""How well an index finds the vectors it holds: recall@k against exact search (vectors streamed shard by shard),
+cross-modal recall, and one-query latency."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import faiss
-import fsspec
 import numpy as np
-import pandas as pd
 
-from pipeline.core.errors import JobFailed
-from pipeline.embed.writer import shard_files
+from pipeline.embeddings.read import EmbeddingSet
 
 log = logging.getLogger(__name__)
 
@@ -21,70 +19,16 @@ MAX_K = 100
 LATENCY_K = 10
 
 
-# ---- reading embeddings ----------------------------------------------------------------------------------
-
-
-def keep_mask(meta: pd.DataFrame, modality: str) -> np.ndarray:
-    """Rows with a real vector: failed samples and missing captions were written as zero vectors."""
-    if modality == "image":
-        return (meta["status"] == "ok").to_numpy()
-    # A sample cut by a read error never reaches the text tower, even when its caption was read.
-    return ((meta["caption_status"] != "missing") & (meta["status"] != "read_error")).to_numpy()
-
-
-ShardReader = Callable[[str, str, str], tuple[np.ndarray, pd.DataFrame]]
-
-
-def read_shard(embed_dir: str, shard_id: str, modality: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """One shard's indexable vectors (stored dtype) and their mapping rows (shard, row, key, caption, url)."""
-    files = shard_files(embed_dir, shard_id)
-    with fsspec.open(files.img_emb if modality == "image" else files.text_emb, "rb") as f:
-        emb = np.load(f)
-    with fsspec.open(files.metadata, "rb") as f:
-        meta = pd.read_parquet(f, columns=["key", "caption", "url", "status", "caption_status"])
-    if len(meta) != len(emb):
-        raise JobFailed(f"shard {shard_id}: {len(meta)} metadata rows but {len(emb)} {modality} embeddings")
-    keep = keep_mask(meta, modality)
-    nonzero = np.abs(emb).max(axis=1) > 0 if len(emb) else np.zeros(0, bool)
-    if (keep & ~nonzero).any():
-        log.warning(
-            "shard %s: %d %s rows marked ok have a zero vector; skipped",
-            shard_id,
-            int((keep & ~nonzero).sum()),
-            modality,
-        )
-    keep &= nonzero
-    rows = np.flatnonzero(keep)
-    kept = meta.iloc[rows]
-    table = pd.DataFrame(
-        {
-            "shard": shard_id,
-            "row": rows.astype(np.int32),
-            "key": kept["key"].to_numpy(),
-            "caption": kept["caption"].to_numpy(),
-            "url": kept["url"].to_numpy(),
-        }
-    )
-    return emb[rows], table
-
-
-def iter_vectors(
-    embed_dir: str, shards: list[str], modality: str, read: ShardReader = read_shard
-) -> Iterator[np.ndarray]:
-    """Indexable vectors shard by shard, in id order (`read`: read_shard, or a version of it bounded in time)."""
-    for sid in shards:
-        yield read(embed_dir, sid, modality)[0]
-
-
 def sample_vectors(
-    embed_dir: str, shards: list[str], modality: str, n: int, seed: int = 1, read: ShardReader = read_shard
+    emb: EmbeddingSet, modality: str, n: int, seed: int = 1, shards: list[str] | None = None
 ) -> np.ndarray:
-    """About n random indexable vectors, taken evenly across shards (queries for the cross-modal check)."""
+    """About n random valid vectors, taken evenly across shards (queries for the cross-modal check)."""
+    shards = emb.shards if shards is None else shards
     rng = np.random.default_rng(seed)
     quota = -(-n // max(len(shards), 1))
     out: list[np.ndarray] = []
     for sid in rng.permutation(shards):
-        x = read(embed_dir, str(sid), modality)[0]
+        x = emb.read(str(sid), modality, ()).kept()
         take = rng.choice(len(x), size=min(quota, len(x), n - sum(map(len, out))), replace=False)
         out.append(np.asarray(x[np.sort(take)], dtype=np.float32))
         if sum(map(len, out)) >= n:

@@ -14,7 +14,6 @@ are not indexed. A later run with new committed shards adds them to the trained 
 
 from __future__ import annotations
 
-import functools
 import logging
 import posixpath
 import time
@@ -28,22 +27,31 @@ import pandas as pd
 
 from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
-from pipeline.core.timeouts import naming_timeout, within
+from pipeline.core.timeouts import naming_timeout
 from pipeline.core.workdir import tempfiles_in, work_folder
-from pipeline.embed.writer import committed_shards, read_manifest
+from pipeline.embeddings.read import EmbeddingSet
 from pipeline.index.build import pyspark_session, restore_threads, run_autofaiss
-from pipeline.index.quality import iter_vectors, measure, read_shard, sample_vectors
-from pipeline.index.store import absolute, commit, index_files, read_index, read_info, recover
+from pipeline.index.quality import measure, sample_vectors
+from pipeline.index.store import (
+    ID_SOURCE_COLUMNS,
+    absolute,
+    commit,
+    id_rows,
+    index_files,
+    read_index,
+    read_info,
+    recover,
+)
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT_VERSION = 1
 
 
-def _read(embed_dir: str, shard_id: str, modality: str, timeout_s: float) -> tuple[np.ndarray, pd.DataFrame]:
-    """read_shard bounded by index.read_timeout_s, so a stalled read fails the stage instead of hanging it."""
-    what = f"shard {shard_id} ({modality}) of {embed_dir}"
-    return within(timeout_s, what, functools.partial(read_shard, embed_dir, shard_id, modality))
+def _read(emb: EmbeddingSet, shard_id: str, modality: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """One shard's indexable vectors and their id-map rows."""
+    r = emb.read(shard_id, modality, ID_SOURCE_COLUMNS)
+    return r.kept(), id_rows(r)
 
 
 def _check_append(
@@ -66,7 +74,7 @@ def _check_append(
 
 
 def _build_new(
-    cfg: Config, embed_dir: str, output: str, modality: str, shards: list[str]
+    cfg: Config, emb: EmbeddingSet, output: str, modality: str, shards: list[str]
 ) -> tuple[faiss.Index, pd.DataFrame, dict[str, Any]]:
     """Stage the indexable vectors (zero rows dropped) as npy files under OUTPUT and let autofaiss build."""
     fs, _ = fsspec.core.url_to_fs(output)
@@ -77,7 +85,7 @@ def _build_new(
     try:
         tables, n, dim = [], 0, 0
         for ordinal, sid in enumerate(shards):
-            x, t = _read(embed_dir, sid, modality, cfg.index.read_timeout_s)
+            x, t = _read(emb, sid, modality)
             t.insert(0, "id", np.arange(n, n + len(t), dtype=np.int64))
             tables.append(t)
             if len(x):
@@ -102,7 +110,7 @@ class InterruptedCommit(JobFailed):
 
 
 def _append(
-    embed_dir: str, output: str, modality: str, info: dict[str, Any], new: list[str], timeout_s: float
+    emb: EmbeddingSet, output: str, modality: str, info: dict[str, Any], new: list[str]
 ) -> tuple[faiss.Index, pd.DataFrame]:
     """Add the new shards' vectors to the trained index; ids continue after the last one."""
     files = index_files(output, modality)
@@ -120,7 +128,7 @@ def _append(
     with_ids = ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap  # type: ignore[attr-defined]
     tables, next_id = [ids], int(index.ntotal)
     for sid in new:
-        x, t = _read(embed_dir, sid, modality, timeout_s)
+        x, t = _read(emb, sid, modality)
         new_ids = np.arange(next_id, next_id + len(x), dtype=np.int64)
         if len(x):
             x = np.ascontiguousarray(x, dtype=np.float32)
@@ -133,9 +141,8 @@ def _append(
     return index, pd.concat(tables, ignore_index=True)
 
 
-def _index_modality(
-    cfg: Config, embed_dir: str, output: str, modality: str, shards: list[str], manifest: dict[str, Any]
-) -> dict[str, Any]:
+def _index_modality(cfg: Config, emb: EmbeddingSet, output: str, modality: str) -> dict[str, Any]:
+    embed_dir, shards, manifest = emb.folder, emb.shards, emb.manifest
     t0 = time.perf_counter()
     info = read_info(output, modality)
     fresh = info is None or cfg.index.rebuild or not cfg.index.append
@@ -156,7 +163,7 @@ def _index_modality(
             return _summary(info, "up to date", 0, time.perf_counter() - t0)
         log.info("appending %d new shards to the %s index", len(new), modality)
         try:
-            index, ids = _append(embed_dir, output, modality, info, new, cfg.index.read_timeout_s)
+            index, ids = _append(emb, output, modality, info, new)
         except InterruptedCommit as e:
             # A killed commit left a mix of old and new files: the only safe resume is a rebuild.
             log.warning("%s; rebuilding the %s index", e, modality)
@@ -168,9 +175,9 @@ def _index_modality(
             shards = info["shards"] + new
     if fresh:
         new = shards
-        index, ids, infos = _build_new(cfg, embed_dir, output, modality, shards)
+        index, ids, infos = _build_new(cfg, emb, output, modality, shards)
         history = [{"action": "built", "shards": len(shards), "time": time.time()}]
-    quality = _quality(cfg, embed_dir, index, modality, shards, manifest)
+    quality = _quality(cfg, emb, index, modality, shards)
     out = {
         "format_version": INDEX_FORMAT_VERSION,
         "modality": modality,
@@ -195,17 +202,11 @@ def _index_modality(
     return _summary(out, "appended" if not fresh else "built", len(new), time.perf_counter() - t0)
 
 
-def _quality(
-    cfg: Config, embed_dir: str, index: faiss.Index, modality: str, shards: list[str], manifest: dict[str, Any]
-) -> dict[str, Any]:
-    timeout_s, n = cfg.index.read_timeout_s, cfg.index.recall_queries
-
-    def read(embed_dir: str, shard_id: str, modality: str) -> tuple[np.ndarray, pd.DataFrame]:
-        return _read(embed_dir, shard_id, modality, timeout_s)
-
+def _quality(cfg: Config, emb: EmbeddingSet, index: faiss.Index, modality: str, shards: list[str]) -> dict[str, Any]:
+    n = cfg.index.recall_queries
     other = "text" if modality == "image" else "image"
-    cross = sample_vectors(embed_dir, shards, other, n, read=read) if manifest.get(other, True) else None
-    return measure(index, lambda: iter_vectors(embed_dir, shards, modality, read), n, cross)
+    cross = sample_vectors(emb, other, n, shards=shards) if other in emb.modalities else None
+    return measure(index, lambda: emb.iter_kept(modality, shards), n, cross)
 
 
 def _summary(info: dict[str, Any], action: str, added: int, seconds: float) -> dict[str, Any]:
@@ -232,26 +233,20 @@ def build(cfg: Config) -> dict[str, Any]:
     require(cfg, "input")
     if not isinstance(cfg.input, str):
         raise ConfigError("input: expected one embed output folder, got a list")
-    embed_dir = cfg.input.rstrip("/")
-    output = (cfg.output or posixpath.join(embed_dir, "index")).rstrip("/")
-    manifest = read_manifest(embed_dir)
-    if manifest is None:
-        raise ConfigError(f"input={embed_dir}: no manifest.json; expected the output folder of `clipline embed`")
-    shards = committed_shards(embed_dir)
-    if not shards:
-        raise ConfigError(f"input={embed_dir}: no committed shards to index")
-    modalities = [m for m in cfg.index.modalities if manifest.get(m, True)]
+    emb = EmbeddingSet(cfg.input, cfg.index.read_timeout_s)
+    output = (cfg.output or posixpath.join(emb.folder, "index")).rstrip("/")
+    modalities = [m for m in cfg.index.modalities if m in emb.modalities]
     for m in set(cfg.index.modalities) - set(modalities):
-        log.warning("index.modalities has %s but input=%s holds no %s embeddings; skipped", m, embed_dir, m)
+        log.warning("index.modalities has %s but input=%s holds no %s embeddings; skipped", m, emb.folder, m)
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"output": output, "shards": len(shards)}
+    summary: dict[str, Any] = {"output": output, "shards": len(emb.shards)}
     threads = faiss.omp_get_max_threads()
     with pyspark_session(cfg), restore_threads(threads), naming_timeout("index.read_timeout_s"):
         recover(output)
         faiss.omp_set_num_threads(cfg.index.nb_cores or threads)
         for m in modalities:
             try:
-                summary[m] = _index_modality(cfg, embed_dir, output, m, shards, manifest)
+                summary[m] = _index_modality(cfg, emb, output, m)
             except JobFailed as e:
                 e.summary = dict(summary, **e.summary)
                 raise

@@ -22,12 +22,14 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from pipeline.core.fsio import TMP_MARK, discard, read_json, tmp_name
+from pipeline.core.fsio import TMP_MARK, discard, is_local, read_json, tmp_name
+from pipeline.embeddings.read import ShardRead
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("image", "text")
 IDS_COLUMNS = ["id", "shard", "row", "key", "caption", "url"]
+ID_SOURCE_COLUMNS = ("key", "caption", "url")  # the embed metadata columns the id map copies
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,21 @@ def index_files(output: str, modality: str) -> IndexFiles:
     )
 
 
+def id_rows(read: ShardRead) -> pd.DataFrame:
+    """The id map's rows (without the id) of one shard's valid vectors: where each vector is and what it shows."""
+    rows = read.rows
+    kept = read.meta.iloc[rows]
+    return pd.DataFrame(
+        {
+            "shard": read.shard,
+            "row": rows.astype(np.int32),
+            **{c: kept[c].to_numpy() if c in kept else None for c in ID_SOURCE_COLUMNS},
+        }
+    )
+
+
 def read_info(output: str, modality: str) -> dict[str, Any] | None:
     return read_json(index_files(output, modality).info)  # type: ignore[no-any-return]
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols
 
 
 def absolute(path: str) -> str:

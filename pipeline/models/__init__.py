@@ -97,6 +97,25 @@ def model_fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
     return _lookup(_FINGERPRINTS, _FINGERPRINT_MODULES, cfg.family)(cfg)  # type: ignore[no-any-return]
 
 
+def load_recorded(model_config: dict[str, Any] | None, recorded: dict[str, Any] | None, where: str) -> EmbeddingModel:
+    """The model that made some stored embeddings, from the model config and fingerprint recorded beside them (an
+    embed manifest, an index's json); refused when those weights have changed since, because new text or image
+    embeddings would then not match the stored ones."""
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.errors import ConfigError
+
+    if not model_config:
+        raise ConfigError(f"{where} records no model_config: the model that made these embeddings is unknown")
+    cfg = ModelConfig.model_validate(model_config)
+    found = model_fingerprint(cfg)
+    if found != recorded:
+        raise ModelLoadError(
+            f"the model recorded in {where} ({model_config}) now has other weights ({found}) than the ones that "
+            f"made these embeddings ({recorded}); embeddings made now would not match the stored ones"
+        )
+    return load_model(cfg)
+
+
 def resolve_device(device: str) -> "torch.device":
     import torch
 

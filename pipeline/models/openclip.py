@@ -126,7 +126,12 @@ class OpenClipModel(EmbeddingModel):
             return False, False
         size = tuple(self.model.visual.image_size) if image else None
         tokens = self._tokenizer(["a photo of a dog", "two cats on a red sofa in the sun"]).to(self.device)
-        image_ok, text_ok = check_pooled(self.model, size, tokens if text else None)  # type: ignore[arg-type]
+        image_ok, text_ok = check_pooled(
+            self.model,
+            size,  # type: ignore[arg-type]
+            tokens if text else None,
+            lambda m, t: encode_text_trimmed(m, t, pooled=True),
+        )
         for tower, applies, ok in (("image", image, image_ok), ("text", text, text_ok)):
             if applies and not ok:
                 log.warning(

@@ -10,7 +10,7 @@ open_clip one (checked per model), and the model is checked once at load against
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,9 +113,16 @@ def text_pool_positions(model: Any, text: torch.Tensor) -> torch.Tensor:
     return (text == model.text_eos_id).int().argmax(dim=-1)
 
 
-def check_pooled(model: Any, image_size: tuple[int, int] | None, tokens: torch.Tensor | None) -> tuple[bool, bool]:
-    """Whether the pooled paths give the plain forward's features on this model (cosine > 0.99999 per row)."""
-    from pipeline.models.openclip import encode_text_trimmed
+def check_pooled(
+    model: Any,
+    image_size: tuple[int, int] | None,
+    tokens: torch.Tensor | None,
+    encode_text_pooled: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[bool, bool]:
+    """Whether the pooled paths give the plain forward's features on this model (cosine > 0.99999 per row).
+
+    `encode_text_pooled(model, tokens)` is the caller's text path with the pooled last block (the padding-trimmed
+    forward of openclip.py), compared with open_clip's own encode_text; without it the text path is not checked."""
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return bool((F.cosine_similarity(a.float(), b.float(), dim=-1) > 0.99999).all())
@@ -127,6 +134,6 @@ def check_pooled(model: Any, image_size: tuple[int, int] | None, tokens: torch.T
             device = next(model.visual.parameters()).device
             px = torch.randn((1, 3, *image_size), generator=gen).to(device)
             image_ok = same(encode_image_pooled(model, px), model.encode_image(px))
-        if tokens is not None:
-            text_ok = same(encode_text_trimmed(model, tokens, pooled=True), model.encode_text(tokens))
+        if tokens is not None and encode_text_pooled is not None:
+            text_ok = same(encode_text_pooled(model, tokens), model.encode_text(tokens))
     return image_ok, text_ok

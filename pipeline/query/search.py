@@ -38,10 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import Config, ModelConfig, require
+from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError
-from pipeline.embed.writer import read_manifest, shard_files
-from pipeline.index.store import index_files, is_local, read_index, read_info
+from pipeline.embeddings.layout import read_manifest
+from pipeline.embeddings.read import EmbeddingSet
+from pipeline.index.store import index_files, read_index, read_info
 
 if TYPE_CHECKING:
     import faiss
@@ -94,20 +95,13 @@ class Searcher:
 
     @property
     def model(self) -> EmbeddingModel:
-        """The model recorded in the embed manifest, checked to still be the same weights."""
+        """The model recorded with the index, checked to still be the same weights."""
         if self._model is None:
-            from pipeline.models import load_model, model_fingerprint
+            from pipeline.models import load_recorded
 
-            mc = self.info["embed"].get("model_config")
-            if not mc:
-                raise ConfigError(
-                    f"{self.index_dir}: the index records no model_config; rebuild it with index.rebuild=true"
-                )
-            cfg = ModelConfig(**mc)
-            found, recorded = model_fingerprint(cfg), self.info["embed"].get("model")
-            if found != recorded:
-                raise ConfigError(f"the model at {mc} is now {found}, but the index holds embeddings of {recorded}")
-            self._model = load_model(cfg)
+            embed = self.info["embed"]
+            where = index_files(self.index_dir, self.modality).info
+            self._model = load_recorded(embed.get("model_config"), embed.get("model"), where)
         return self._model
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, queries: Sequence[str] | None = None) -> pd.DataFrame:
@@ -167,13 +161,7 @@ class Searcher:
         return self.search_vectors(np.stack([self._stored_vector(*where[key]) for key in keys]), k, keys)
 
     def _stored_vector(self, shard: str, row: int) -> np.ndarray:
-        files = shard_files(self.embed_dir, shard)
-        path = files.img_emb if self.modality == "image" else files.text_emb
-        fs, p = fsspec.core.url_to_fs(path)
-        if is_local(fs):
-            return np.asarray(np.load(p, mmap_mode="r")[row], dtype=np.float32)
-        with fs.open(p, "rb") as f:
-            return np.asarray(np.load(f)[row], dtype=np.float32)
+        return EmbeddingSet(self.embed_dir).vector(shard, row, self.modality)
 
 
 def _load_image(image: str | Image.Image) -> Image.Image:
@@ -209,6 +197,7 @@ def query_cli(
 ) -> str:
     """`clipline query input=INDEX_DIR (--text T | --image PATH_OR_URL | --key KEY)...`: the text to print."""
     from pipeline.embed.decode import SampleError
+    from pipeline.models import ModelLoadError
 
     require(cfg, "input")
     if not isinstance(cfg.input, str):
@@ -223,6 +212,6 @@ def query_cli(
             df = searcher.search_image(image, cfg.query.k)
         else:
             df = searcher.search_key(key or [], cfg.query.k)
-    except (FileNotFoundError, KeyError, SampleError) as e:
+    except (FileNotFoundError, KeyError, SampleError, ModelLoadError) as e:  # the query cannot run here: exit 2
         raise ConfigError(str(e.args[0]) if isinstance(e, KeyError) else str(e)) from e
     return format_results(df, cfg.query.format)

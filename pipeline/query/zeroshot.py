@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import collections
-import io
-import json
 import logging
 import posixpath
 import time
@@ -13,13 +11,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.core.config import ModelConfig
 from pipeline.core.errors import ConfigError
-from pipeline.core.fsio import put_bytes
-from pipeline.embed.batch import OK
-from pipeline.embed.writer import committed_shards, read_manifest, shard_files
+from pipeline.core.fsio import put_json, put_parquet
+from pipeline.embeddings.read import EmbeddingSet
 
 if TYPE_CHECKING:
     from pipeline.core.config import Config
@@ -80,44 +75,27 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
 
 
-def model_from_manifest(embed_output_dir: str) -> "EmbeddingModel":
+def model_from_manifest(emb: EmbeddingSet) -> "EmbeddingModel":
     """The model that made these embeddings, refusing one whose weights have changed since."""
-    from pipeline.models import ModelLoadError, load_model, model_fingerprint
+    from pipeline.models import load_recorded
 
-    manifest = read_manifest(embed_output_dir)
-    if manifest is None or "model_config" not in manifest:
-        raise ConfigError(
-            f"input={embed_output_dir}: no manifest.json with model_config; expected an embed output folder"
-        )
-    cfg = ModelConfig.model_validate(manifest["model_config"])
-    if model_fingerprint(cfg) != manifest.get("model"):
-        raise ModelLoadError(
-            f"the model configured in {embed_output_dir}/manifest.json no longer has the weights that made these "
-            "embeddings (fingerprint differs); text embeddings would not match the image embeddings"
-        )
-    return load_model(cfg)
+    return load_recorded(emb.manifest.get("model_config"), emb.manifest.get("model"), f"{emb.folder}/manifest.json")
 
 
 def _classify_shard(
-    embed_dir: str, shard_id: str, class_emb: np.ndarray, classes: Sequence[str], k: int
+    emb: EmbeddingSet, shard_id: str, class_emb: np.ndarray, classes: Sequence[str], k: int
 ) -> tuple[pa.Table, int]:
-    files = shard_files(embed_dir, shard_id)
-    with fsspec.open(files.img_emb, "rb") as f:
-        img = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    with fsspec.open(files.metadata, "rb") as f:
-        meta = pq.read_table(f, columns=["key", "status"])
-    ok = np.asarray(meta.column("status").to_pylist(), dtype=object) == OK
-    ok &= np.abs(img).sum(axis=1) > 0  # a failed image is stored as a zero vector; never classify it
-    scores = img[ok].astype(np.float32) @ class_emb.T
+    r = emb.read(shard_id, "image", ("key",))
+    scores = r.kept().astype(np.float32) @ class_emb.T
     idx, val = top_k(scores, k)
-    keys = np.asarray(meta.column("key").to_pylist(), dtype=object)[ok]
+    keys = r.meta["key"].to_numpy(object)[r.valid]
     names = np.asarray(classes, dtype=object)
     cols: dict[str, Any] = {"key": pa.array(keys.tolist(), pa.string())}
     for j in range(idx.shape[1]):
         cols[f"label_{j + 1}"] = pa.array(names[idx[:, j]].tolist(), pa.string())
     for j in range(idx.shape[1]):
         cols[f"score_{j + 1}"] = pa.array(val[:, j], pa.float32())
-    return pa.table(cols), int((~ok).sum())
+    return pa.table(cols), int((~r.valid).sum())
 
 
 def zero_shot(
@@ -136,27 +114,19 @@ def zero_shot(
     templates = list(templates or DEFAULT_TEMPLATES)
     classes = list(classes)
     _check_inputs(classes, templates, k)
-    embed_dir = embed_output_dir.rstrip("/")
-    out = (output or embed_dir).rstrip("/")
-    manifest = read_manifest(embed_dir)
-    if manifest is None:
-        raise ConfigError(f"input={embed_dir}: no manifest.json; expected an embed output folder")
-    if manifest.get("image") is False:
-        raise ConfigError(f"input={embed_dir}: embedded with embed.image=false; no image embeddings to classify")
-    shards = committed_shards(embed_dir)
-    if not shards:
-        raise ConfigError(f"input={embed_dir}: no committed embed shards")
+    emb = EmbeddingSet(embed_output_dir)
+    out = (output or emb.folder).rstrip("/")
+    if "image" not in emb.modalities:
+        raise ConfigError(f"input={emb.folder}: embedded with embed.image=false; no image embeddings to classify")
+    shards = emb.shards
     t0 = time.perf_counter()
-    model = model or model_from_manifest(embed_dir)
+    model = model or model_from_manifest(emb)
     class_emb = class_embeddings(model, classes, templates)
     counts: collections.Counter[str] = collections.Counter()
     samples = skipped = 0
-    fs, _ = fsspec.core.url_to_fs(out)
     for sid in shards:
-        table, n_skipped = _classify_shard(embed_dir, sid, class_emb, classes, k)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        put_bytes(fs, zeroshot_path(out, sid), buf.getvalue())
+        table, n_skipped = _classify_shard(emb, sid, class_emb, classes, k)
+        put_parquet(zeroshot_path(out, sid), table)
         samples += table.num_rows
         skipped += n_skipped
         counts.update(table.column("label_1").to_pylist())
@@ -164,11 +134,11 @@ def zero_shot(
         "classes": classes,
         "templates": templates,
         "k": min(k, len(classes)),
-        "model": manifest.get("model"),
+        "model": emb.manifest.get("model"),
         "shards": shards,
         "score": "cosine similarity of image and class text embeddings",
     }
-    put_bytes(fs, posixpath.join(out, SUBDIR, "zeroshot.json"), json.dumps(info, indent=1).encode())
+    put_json(posixpath.join(out, SUBDIR, "zeroshot.json"), info)
     return {
         "output": posixpath.join(out, SUBDIR),
         "shards": len(shards),

@@ -4,7 +4,6 @@ through RunOutput (pipeline/report/runoutput.py)."""
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import posixpath
@@ -17,6 +16,7 @@ from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.fsio import put_bytes
 from pipeline.report import plots as rp
+from pipeline.report import sections as sec
 from pipeline.report.runoutput import RunOutput
 
 log = logging.getLogger(__name__)
@@ -25,67 +25,6 @@ QUERIES_SAMPLED, HITS_SHOWN = 3, 6
 
 
 # ---- sections ----------------------------------------------------------------------------------------------
-
-
-def section_counts(out: RunOutput) -> str:
-    """From the per-shard stats files only, so it stays cheap on any dataset size."""
-    from pipeline.download.layout import classify_error
-
-    parts, reasons = [], {}
-    if not out.download_stats:
-        parts.append(rp.missing("No download output (shards/*_stats.json): the download stage did not run here."))
-    else:
-        dl = list(out.download_stats.values())
-        urls, ok = sum(int(s.get("count", 0)) for s in dl), sum(int(s.get("successes", 0)) for s in dl)
-        by: collections.Counter[str] = collections.Counter()
-        for s in dl:
-            for message, n in s.get("status_dict", {}).items():
-                if message != "success":
-                    by[classify_error(message)] += int(n)
-        reasons["download"] = dict(by.most_common())
-        parts.append(
-            rp.table(
-                [
-                    ("URLs in", urls),
-                    ("images downloaded", ok),
-                    ("download failures", urls - ok),
-                    ("download shards", len(dl)),
-                ],
-                ["download", ""],
-            )
-        )
-    if not out.embed_stats:
-        parts.append(rp.missing("No embed output (embeddings/manifest.json and committed shards): not embedded yet."))
-    else:
-        status: collections.Counter[str] = collections.Counter()
-        captions: collections.Counter[str] = collections.Counter()
-        for s in out.embed_stats:
-            status.update(s.get("status_counts", {}))
-            captions.update(s.get("caption_status_counts", {}))
-        reasons["embed"] = {k: v for k, v in status.most_common() if k != "ok"}
-        n = sum(status.values())
-        parts.append(
-            rp.table(
-                [
-                    ("samples read", n),
-                    ("embedded", status.get("ok", 0)),
-                    ("embed failures", n - status.get("ok", 0)),
-                    ("captions ok / missing", f"{captions.get('ok', 0)} / {captions.get('missing', 0)}"),
-                    ("embed shards", len(out.embed_stats)),
-                ],
-                ["embed", ""],
-            )
-        )
-    if reasons:
-        parts.append(
-            rp.table(
-                [(stage, r, n) for stage, by_reason in reasons.items() for r, n in by_reason.items()]
-                or [("-", "none", 0)],
-                ["stage", "failure reason", "samples"],
-            )
-        )
-    parts.append(rp.figure(rp.plot_reasons(reasons), "failures by reason") if any(reasons.values()) else "")
-    return "".join(parts)
 
 
 def section_queries(out: RunOutput, queries: list[str] | None) -> str:
@@ -254,11 +193,11 @@ def _when(t: float | None) -> str:
 def sections(queries: list[str] | None) -> list[tuple[str, str, Callable[[RunOutput], str]]]:
     """(anchor, title, renderer) of every section, in page order."""
     return [
-        ("counts", "Samples in, embedded, failed", section_counts),
-        ("throughput", "Throughput and time split", rp.section_throughput),
-        ("clip-score", "CLIP score distribution", rp.section_clip_score),
-        ("similarity", "Nearest-neighbour similarity and dedup", rp.section_similarity),
-        ("groups", "Example duplicate groups", rp.section_groups),
+        ("counts", "Samples in, embedded, failed", sec.section_counts),
+        ("throughput", "Throughput and time split", sec.section_throughput),
+        ("clip-score", "CLIP score distribution", sec.section_clip_score),
+        ("similarity", "Nearest-neighbour similarity and dedup", sec.section_similarity),
+        ("groups", "Example duplicate groups", sec.section_groups),
         ("queries", "Example text queries", lambda out: section_queries(out, queries)),
         ("index", "Index", section_index),
         ("provenance", "Provenance", section_provenance),

@@ -4,28 +4,18 @@ straight from WebDataset tars (streamed, never extracted to disk), and small HTM
 from __future__ import annotations
 
 import base64
-import collections
 import html
 import io
 import logging
-import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.report.runoutput import RunOutput
+    pass
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-THUMB_PX = 160
-GROUPS_SHOWN, MEMBERS_SHOWN = 6, 8
-CLIP_SCORE_SHARDS = 200  # metadata shards read for the score histogram
-# Thumbnails come from untrusted downloads: refuse decompression bombs (the embed stage's default limit).
-MAX_PIXELS = 89_478_485
 
 
 def _plt() -> Any:
@@ -131,171 +121,7 @@ def plot_hist(
 # ---- thumbnails ----------------------------------------------------------------------------------------------
 
 
-def read_tar_images(tar_url: str, keys: Iterable[str]) -> dict[str, bytes]:
-    """The image bytes of the wanted sample keys, streamed out of a WebDataset tar member by member."""
-    from pipeline.dedup.materialize import member_key
-
-    wanted = set(keys)
-    found: dict[str, bytes] = {}
-    if not wanted:
-        return found
-    with fsspec.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key = member_key(member.name)
-            ext = member.name.rsplit(".", 1)[-1].lower()
-            if key in wanted and key not in found and ext in IMAGE_EXTS:
-                data = tar.extractfile(member)
-                if data is not None:
-                    found[key] = data.read()
-                if len(found) == len(wanted):
-                    break
-    return found
-
-
-def thumbnail(data: bytes, size: int = THUMB_PX) -> Any:
-    """A PIL thumbnail of image bytes (RGB, at most size x size)."""
-    from pipeline.embed.decode import decode_image
-
-    img = decode_image(data, MAX_PIXELS)
-    img.thumbnail((size, size))
-    return img
-
-
-def thumbnail_uri(data: bytes, size: int = THUMB_PX) -> str | None:
-    """A JPEG data URI of the image's thumbnail; None when the bytes do not decode."""
-    from pipeline.embed.decode import SampleError
-
-    try:
-        img = thumbnail(data, size)
-    except SampleError as e:
-        log.info("no thumbnail: %s", e)
-        return None
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 # ---- sections made of figures ---------------------------------------------------------------------------
-
-
-def section_throughput(out: RunOutput) -> str:
-    dl = [
-        (s["start_time"], s["end_time"], int(s.get("count", 0)))
-        for s in out.download_stats.values()
-        if "start_time" in s and "end_time" in s
-    ]
-    em = [
-        (s["started"], s["finished"], int(s.get("samples", 0)))
-        for s in out.embed_stats
-        if "started" in s and "finished" in s
-    ]
-    if not dl and not em:
-        return missing("No per-shard stats with timestamps: neither download nor embed ran here.")
-    rows = []
-    for stage, shards in (("download (URLs)", dl), ("embed (samples)", em)):
-        if shards:
-            wall = max(f for _, f, _ in shards) - min(s for s, _, _ in shards)
-            n = sum(c for _, _, c in shards)
-            rows.append((stage, len(shards), n, round(wall, 2), round(n / wall, 1) if wall > 0 else None))
-    timings: collections.Counter[str] = collections.Counter()
-    for s in out.embed_stats:
-        timings.update(s.get("timings", {}))
-    split = figure(plot_time_split(dict(timings)), "embed time split") if timings else missing("No embed timings.")
-    return (
-        table(rows, ["stage", "shards", "items", "wall seconds (first start to last finish)", "items / s"])
-        + figure(plot_throughput({"download": dl, "embed": em}), "throughput over time")
-        + split
-    )
-
-
-def section_clip_score(out: RunOutput) -> str:
-    subset = out.sample_shards(CLIP_SCORE_SHARDS)
-    meta = out.metadata(["status", "caption_status", "clip_score"], subset)
-    if meta is None:
-        return missing("No embed output: no CLIP scores.")
-    s = (
-        meta.loc[(meta["status"] == "ok") & (meta["caption_status"] == "ok"), "clip_score"]
-        .dropna()
-        .to_numpy(np.float64)
-    )
-    if len(s) == 0:
-        return missing("No sample has both an image and a caption embedding: no CLIP scores.")
-    q = np.percentile(s, [5, 25, 50, 75, 95])
-    scope = "" if len(subset) == len(out.shards) else f" ({len(subset)} of {len(out.shards)} shards)"
-    numbers = table(
-        [("samples scored", len(s)), ("mean", float(s.mean()))]
-        + [(f"p{p}", float(v)) for p, v in zip((5, 25, 50, 75, 95), q)],
-        ["clip_score", ""],
-    )
-    plot = plot_hist(s, "cosine(image, caption)", "CLIP score distribution" + scope)
-    return numbers + figure(plot, "clip score histogram")
-
-
-def section_similarity(out: RunOutput) -> str:
-    ds = out.dedup_summary
-    if not out.shards:
-        return missing("No embed output: no similarities.")
-    sims = out.nn_similarities()
-    threshold = ds["threshold"] if ds else None
-    head = (
-        table(
-            [
-                (k, ds.get(k))
-                for k in (
-                    "method",
-                    "threshold",
-                    "samples",
-                    "groups",
-                    "samples_in_groups",
-                    "near_pairs",
-                    "exact_pairs",
-                    "kept",
-                    "dropped",
-                )
-            ],
-            ["dedup", ""],
-        )
-        if ds
-        else missing("No dedup output (embeddings/dedup/summary.json): the threshold is not shown.")
-    )
-    exact = out.nn_exact()
-    how = f"{len(sims)} of {out.embedded} embedded images, each with its nearest other image: " + (
-        "exact search over all of them." if exact else "approximate, searched in the image index."
-    )
-    title = "Nearest-neighbour similarity" + ("" if exact else ", approximate (image index)")
-    plot = plot_hist(sims, "cosine similarity to the nearest other image", title, threshold, log_y=True)
-    return head + f"<p>{esc(how)}</p>" + figure(plot, "nearest-neighbour similarity")
-
-
-def section_groups(out: RunOutput) -> str:
-    dup = out.duplicates()
-    if dup is None:
-        return missing("No dedup output (embeddings/dedup/duplicates.parquet).")
-    if dup.empty:
-        return "<p>No duplicate groups at this threshold.</p>"
-    sizes = dup.groupby("group_id").size().sort_values(ascending=False, kind="stable")
-    chosen = dup[dup["group_id"].isin(sizes.index[:GROUPS_SHOWN])]
-    chosen = chosen.sort_values(["group_id", "kept", "similarity"], ascending=[True, False, False])
-    chosen = chosen.groupby("group_id").head(MEMBERS_SHOWN)
-    thumbs = out.thumbnails(zip(chosen["shard"], chosen["key"]))
-    parts = [
-        f"<p>{len(sizes)} groups, {len(dup)} samples in groups; the {min(GROUPS_SHOWN, len(sizes))} largest "
-        "(similarity is to the kept sample, green).</p>"
-    ]
-    for gid in sizes.index[:GROUPS_SHOWN]:
-        g = chosen[chosen["group_id"] == gid]
-        tiles = [
-            tile(
-                thumbs.get((str(r.shard), str(r.key))),
-                [str(r.key), "kept" if r.kept else f"{r.similarity:.3f} ({r.reason})"],
-                "kept" if r.kept else "",
-            )
-            for r in g.itertuples()
-        ]
-        parts.append(grid(f"group {gid}: {sizes[gid]} samples", tiles))
-    return "".join(parts)
 
 
 # ---- HTML blocks ---------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ import pandas as pd
 
 from pipeline.core.fsio import read_json
 from pipeline.download import layout as download_layout
-from pipeline.embed.writer import committed_shards, read_manifest, read_stats, shard_files
-from pipeline.report import plots as rp
-from pipeline.run.chain import ChainLayout, layout
+from pipeline.embeddings.layout import committed_shards, read_manifest, read_stats
+from pipeline.embeddings.read import EmbeddingSet
+from pipeline.report import thumbnails
+from pipeline.run.layout import embed_folder_layout, layout
 
 NN_QUERIES = 2000
 # Above this many vectors the nearest-neighbour histogram uses the image index instead of exact search.
@@ -32,8 +33,7 @@ class RunOutput:
         self.fs, _ = fsspec.core.url_to_fs(self.root)
         paths = layout(self.root)
         if not self.exists(paths.embeddings) and self.exists(posixpath.join(self.root, "manifest.json")):
-            j = posixpath.join  # an embed output folder given directly
-            paths = ChainLayout("", self.root, j(self.root, "index"), j(self.root, "dedup"), root=self.root)
+            paths = embed_folder_layout(self.root)  # an embed output folder given directly
         self.paths = paths
 
     def exists(self, path: str) -> bool:
@@ -57,9 +57,16 @@ class RunOutput:
         return read_manifest(self.paths.embeddings) if self.exists(self.paths.embeddings) else None
 
     @functools.cached_property
+    def embeddings(self) -> EmbeddingSet | None:
+        """The embed output, when it has a manifest and committed shards."""
+        if not self.manifest or not committed_shards(self.paths.embeddings):
+            return None
+        return EmbeddingSet(self.paths.embeddings)
+
+    @property
     def shards(self) -> list[str]:
         """Embed shards with data (committed)."""
-        return committed_shards(self.paths.embeddings) if self.manifest else []
+        return self.embeddings.shards if self.embeddings else []
 
     @functools.cached_property
     def embed_stats(self) -> list[dict[str, Any]]:
@@ -100,12 +107,9 @@ class RunOutput:
         shards: list[str] | None = None,
     ) -> pd.DataFrame | None:
         """The embed metadata of the given committed shards (default all), in shard order."""
-        if not self.shards:
+        if self.embeddings is None:
             return None
-        parts = []
-        for s in self.shards if shards is None else shards:
-            with fsspec.open(shard_files(self.paths.embeddings, s).metadata, "rb") as f:
-                parts.append(pd.read_parquet(f, columns=list(columns)))
+        parts = [self.embeddings.metadata(s, list(columns)) for s in (self.shards if shards is None else shards)]
         return pd.concat(parts, ignore_index=True)
 
     def sample_shards(self, n: int) -> list[str]:
@@ -115,13 +119,13 @@ class RunOutput:
 
     def image_vectors(self) -> tuple[np.ndarray, pd.DataFrame]:
         """Every embedded image vector (float32) with its metadata row; for notebooks on small outputs."""
-        from pipeline.index.quality import read_shard
-
         xs, rows = [], []
         for s in self.shards:
-            x, t = read_shard(self.paths.embeddings, s, "image")
-            xs.append(np.asarray(x, np.float32))
-            rows.append(t)
+            assert self.embeddings is not None
+            r = self.embeddings.read(s, "image", ("key", "caption", "url"))
+            xs.append(np.asarray(r.kept(), np.float32))
+            kept = r.meta.iloc[r.rows][["key", "caption", "url"]].reset_index(drop=True)
+            rows.append(kept.assign(shard=s, row=r.rows.astype(np.int32))[["shard", "row", "key", "caption", "url"]])
         if not xs:
             return np.zeros((0, 0), np.float32), pd.DataFrame()
         return np.concatenate(xs), pd.concat(rows, ignore_index=True)
@@ -134,18 +138,21 @@ class RunOutput:
         """Sampled samples' cosine similarity to their nearest other sample (every sample when there are at most
         max_queries): exact search over all embedded images, or on big outputs the image index, its top hit taken
         to be the query itself."""
-        from pipeline.index.quality import exact_search, iter_vectors, sample_vectors
+        from pipeline.index.quality import exact_search, sample_vectors
 
+        emb = self.embeddings
+        if emb is None:
+            return np.zeros(0, np.float32)
         if not self.nn_exact():
             from pipeline.query.search import Searcher
 
-            q = np.ascontiguousarray(sample_vectors(self.paths.embeddings, self.shards, "image", max_queries, seed))
+            q = np.ascontiguousarray(sample_vectors(emb, "image", max_queries, seed))
             sims, _ = Searcher(self.paths.index, "image").index.search(q, 2)
             return sims[:, 1].astype(np.float32)  # type: ignore[no-any-return]
         rate = min(1.0, max_queries / max(self.embedded, 1))
         rng = np.random.default_rng(seed)
         ids, queries, offset = [], [], 0
-        for block in iter_vectors(self.paths.embeddings, self.shards, "image"):
+        for block in emb.iter_kept("image"):
             pick = np.flatnonzero(rng.random(len(block)) < rate) if rate < 1 else np.arange(len(block))
             ids.append(pick + offset)
             queries.append(np.asarray(block[pick], np.float32))
@@ -153,7 +160,7 @@ class RunOutput:
         if not queries or offset < 2:
             return np.zeros(0, np.float32)
         own, q = np.concatenate(ids), np.ascontiguousarray(np.concatenate(queries))
-        sims, found = exact_search(iter_vectors(self.paths.embeddings, self.shards, "image"), q, 2)
+        sims, found = exact_search(emb.iter_kept("image"), q, 2)
         other = np.where(found[:, 0] == own, 1, 0)  # skip the query itself, whichever rank it landed at
         return sims[np.arange(len(q)), other].astype(np.float32)  # type: ignore[no-any-return]
 
@@ -190,8 +197,8 @@ class RunOutput:
         for shard, keys in by_shard.items():
             tar = self.tar_of(shard)
             if tar is not None:
-                out.update({(shard, k): b for k, b in rp.read_tar_images(tar, keys).items()})
+                out.update({(shard, k): b for k, b in thumbnails.read_tar_images(tar, keys).items()})
         return out
 
     def thumbnails(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
-        return {p: rp.thumbnail_uri(b) for p, b in self.images(pairs).items()}
+        return {p: thumbnails.thumbnail_uri(b) for p, b in self.images(pairs).items()}

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -20,41 +18,13 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import put_json, read_json
 from pipeline.core.summary import format_summary
 from pipeline.download import layout as download_layout
+from pipeline.run.layout import ChainLayout, layout
 from pipeline.run.staging import ingest_url_lists
 
 log = logging.getLogger(__name__)
 
 STAGES = ("download", "embed", "index", "dedup")
 SUMMARY_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ChainLayout:
-    """Where each stage of a chain run reads and writes, under one output root."""
-
-    shards: str
-    embeddings: str
-    index: str
-    dedup: str
-    url_lists: str = ""
-    inputs: str = ""
-    summary: str = ""
-    root: str = ""
-
-
-def layout(output: str) -> ChainLayout:
-    root = output.rstrip("/")
-    emb = posixpath.join(root, "embeddings")
-    return ChainLayout(
-        shards=posixpath.join(root, "shards"),
-        embeddings=emb,
-        index=posixpath.join(emb, "index"),
-        dedup=posixpath.join(emb, "dedup"),
-        url_lists=posixpath.join(root, "url_lists"),
-        inputs=posixpath.join(root, "inputs.json"),
-        summary=posixpath.join(root, "summary.json"),
-        root=root,
-    )
 
 
 def stage_config(cfg: Config, input: Any, output: str) -> Config:

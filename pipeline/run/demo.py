@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.run.chain import layout, run, stage_config
+from pipeline.run.chain import run, stage_config
+from pipeline.run.layout import layout
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import TMP_MARK, put_json, read_json
 
 if TYPE_CHECKING:
-    from pipeline.run.chain import ChainLayout
+    from pipeline.run.layout import ChainLayout
 
 log = logging.getLogger(__name__)
 

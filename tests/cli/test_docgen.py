@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from pipeline.cli import docgen
 from pipeline.cli.main import COMMANDS, _parser
 from pipeline.core.config import Config
-from pipeline.embed.writer import METADATA_SCHEMA, manifest_identity, shard_files
+from pipeline.embeddings.layout import METADATA_SCHEMA, manifest_identity, shard_files
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

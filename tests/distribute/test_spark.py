@@ -31,7 +31,7 @@ from pipeline.distribute.spark import (
     stop_session,
 )
 from pipeline.embed.stage import embed, plan
-from pipeline.embed.writer import committed_shards, read_stats, shard_files
+from pipeline.embeddings.layout import committed_shards, read_stats, shard_files
 from tests.support.helpers import make_shards, overrides
 from tests.support.spark_faults import add_fault
 

@@ -28,7 +28,8 @@ from pipeline.distribute import local as distributor
 from pipeline.embed.reader import ReadTimeout
 from pipeline.embed.runner import get_model, run_shard
 from pipeline.embed.stage import embed
-from pipeline.embed.writer import committed_shards, read_stats, uncommitted_leftovers
+from pipeline.embed.writer import uncommitted_leftovers
+from pipeline.embeddings.layout import committed_shards, read_stats
 from tests.support.faults_storage import (
     FAULT_DIR,
     FaultyMemoryFS,

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.core.config import load_config
 from pipeline.core.tasks import ShardTask
 from pipeline.embed.runner import get_model, run_shard
-from pipeline.embed.writer import committed_shards, read_stats
+from pipeline.embeddings.layout import committed_shards, read_stats
 from tests.support.helpers import hostile_samples, jpeg_bytes, load_shard, overrides, write_tar
 
 

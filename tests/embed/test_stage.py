@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli.main import main
-from pipeline.embed.writer import committed_shards
+from pipeline.embeddings.layout import committed_shards
 from tests.support.helpers import make_shards, make_tiny_checkpoint, overrides
 
 pytestmark = pytest.mark.slow

@@ -11,15 +11,13 @@ import pytest
 
 from pipeline.embed.batch import EmbeddedBatch, SampleRow
 from pipeline.embed.writer import (
-    ManifestMismatch,
     ShardWriter,
     check_or_write_manifest,
-    committed_shards,
     remove_uncommitted,
-    shard_files,
     sweep_temporary,
     uncommitted_leftovers,
 )
+from pipeline.embeddings.layout import ManifestMismatch, committed_shards, shard_files
 
 
 def _rows(n: int, status: str = "ok") -> list[SampleRow]:

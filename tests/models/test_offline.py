@@ -156,7 +156,7 @@ def test_missing_package_is_a_load_error_with_install_hint(monkeypatch: pytest.M
 def test_run_shard_embeds_with_offline_model(model: offline.OfflineConseModel, tmp_path: Path) -> None:
     from pipeline.core.tasks import ShardTask
     from pipeline.embed.runner import run_shard
-    from pipeline.embed.writer import committed_shards
+    from pipeline.embeddings.layout import committed_shards
 
     (tar,) = make_shards(tmp_path / "in", n_shards=1, per_shard=6)
     cfg = load_config(["model=offline", "embed.batch_size=4"])
@@ -175,7 +175,7 @@ def test_run_shard_embeds_with_offline_model(model: offline.OfflineConseModel, t
 def test_clipline_embed_end_to_end_with_offline_model(tmp_path: Path) -> None:
     """Through the CLI and the spawn-process pool, as a user runs it."""
     from pipeline.cli.main import main
-    from pipeline.embed.writer import committed_shards, read_manifest
+    from pipeline.embeddings.layout import committed_shards, read_manifest
 
     make_shards(tmp_path / "in", n_shards=2, per_shard=5)
     out = tmp_path / "emb"

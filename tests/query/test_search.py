@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.core.config import ModelConfig, load_config
 from pipeline.core.errors import ConfigError
 from pipeline.index.stage import build
+from pipeline.models import ModelLoadError
 from pipeline.query.search import COLUMNS, Searcher, query_cli
 from tests.support.helpers import jpeg_bytes, random_unit, write_fake_embed_output
 
@@ -112,7 +113,7 @@ def test_changed_model_weights_are_refused(index_dir: Path, tmp_path: Path) -> N
     info = json.loads((copy / "image.json").read_text())
     info["embed"]["model"]["checkpoint_sha256"] = "0" * 64
     (copy / "image.json").write_text(json.dumps(info))
-    with pytest.raises(ConfigError, match="now"):
+    with pytest.raises(ModelLoadError, match="now has other weights"):
         Searcher(str(copy)).search_text([CAPTION], k=1)
 
 

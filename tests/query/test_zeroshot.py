@@ -15,7 +15,7 @@ import torch
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
 from pipeline.models import EmbeddingModel, ModelLoadError
-from pipeline.query.zeroshot import class_embeddings, classify_cli, model_from_manifest, top_k, zero_shot, zeroshot_path
+from pipeline.query.zeroshot import class_embeddings, classify_cli, top_k, zero_shot, zeroshot_path
 from tests.support.helpers import overrides, random_unit, write_fake_embed_output, write_tar
 
 DIM = 16
@@ -116,20 +116,19 @@ def test_bad_inputs_are_config_errors(table_model: TableModel, tmp_path: Path) -
         zero_shot(str(tmp_path / "nothing"), ["cat"], model=table_model)
 
 
-def test_model_from_manifest_checks_fingerprint(tmp_path: Path, tiny_model: dict[str, str]) -> None:
+def test_recorded_model_is_refused_when_its_weights_changed(tmp_path: Path, tiny_model: dict[str, str]) -> None:
     from pipeline.embed.stage import build_manifest
-    from pipeline.embed.writer import check_or_write_manifest
+    from pipeline.models import load_recorded
 
     cfg = load_config([*overrides(tiny_model), f"output={tmp_path / 'emb'}", "model.device=cpu"])
-    check_or_write_manifest(str(tmp_path / "emb"), build_manifest(cfg))
-    m = model_from_manifest(str(tmp_path / "emb"))
+    manifest = build_manifest(cfg)
+    m = load_recorded(manifest["model_config"], manifest["model"], "manifest.json")
     assert m.dim == 32
-    manifest_path = tmp_path / "emb" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
     manifest["model"]["checkpoint_sha256"] = "0" * 64  # the checkpoint changed since the embed run
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ModelLoadError, match="fingerprint differs"):
-        model_from_manifest(str(tmp_path / "emb"))
+    with pytest.raises(ModelLoadError, match="now has other weights"):
+        load_recorded(manifest["model_config"], manifest["model"], "manifest.json")
+    with pytest.raises(ConfigError, match="records no model_config"):
+        load_recorded(None, manifest["model"], "manifest.json")
 
 
 @pytest.mark.slow
@@ -186,7 +185,7 @@ def test_cli_exit_codes_through_run_command(
     assert "no class names" in capsys.readouterr().err
     # The fake manifest's model_config names no weights, so its fingerprint cannot match the recorded one.
     assert run_command("classify", fn, cfg, log, {"classes": ["cat", "dog"]}) == 2
-    assert "fingerprint differs" in capsys.readouterr().err
+    assert "now has other weights" in capsys.readouterr().err
     (tmp_path / "classes.txt").write_text("# animals\ncat\n\ndog\n")
     assert (
         run_command(

@@ -19,10 +19,10 @@ from PIL import Image
 from pipeline.cli.main import main
 from pipeline.core.config import load_config
 from pipeline.core.errors import JobFailed
-from pipeline.report import plots as rp
 from pipeline.report import runoutput
 from pipeline.report.page import report_cli, section_queries, sections
 from pipeline.report.runoutput import RunOutput
+from pipeline.report.sections import section_similarity
 from tests.support.helpers import random_unit, write_fake_embed_output
 
 SECTIONS = [anchor for anchor, _, _ in sections(None)]
@@ -162,7 +162,7 @@ def test_nearest_neighbours_through_the_index_on_big_outputs(demo: Path, monkeyp
     approx = out.nn_similarities(max_queries=40)
     assert len(approx) == 40
     assert all(np.isclose(full, s, atol=1e-4).any() for s in approx)  # the demo's index is exact (Flat)
-    assert "approximate, searched in the image index" in rp.section_similarity(out)
+    assert "approximate, searched in the image index" in section_similarity(out)
 
 
 def test_missing_stages_are_said(tmp_path: Path) -> None:

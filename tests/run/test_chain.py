@@ -25,8 +25,9 @@ from pipeline.cli.main import main
 from pipeline.core import lock as lk
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.run.chain import STAGES, layout, run
+from pipeline.run.chain import STAGES, run
 from pipeline.run.httpserver import serve_directory
+from pipeline.run.layout import layout
 from pipeline.run.staging import ingest_url_lists
 from tests.support.helpers import jpeg_bytes, overrides, random_unit, write_fake_embed_output
 

@@ -105,7 +105,8 @@ def write_fake_embed_output(
     extra_meta: shard_id -> {column: values} overriding metadata columns (url, sha256, width, caption, status...).
     """
     from pipeline.embed.batch import OK, EmbeddedBatch, SampleRow
-    from pipeline.embed.writer import ShardWriter, check_or_write_manifest, new_manifest, update_manifest
+    from pipeline.embed.writer import ShardWriter, check_or_write_manifest, update_manifest
+    from pipeline.embeddings.layout import new_manifest
 
     root = str(root)
     dim = next(iter(shards.values())).shape[1]
@@ -178,7 +179,7 @@ def load_shard(out: str, sid: str) -> tuple[np.ndarray, np.ndarray, Any]:
     import fsspec
     import pyarrow.parquet as pq
 
-    from pipeline.embed.writer import shard_files
+    from pipeline.embeddings.layout import shard_files
 
     f = shard_files(out, sid)
     with fsspec.open(f.img_emb, "rb") as fh:

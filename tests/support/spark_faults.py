@@ -79,7 +79,7 @@ def sleepy_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, A
 
 def marker_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
     """No model: sleeps int(shard_id) seconds, then commits just a stats file (enough for progress polling)."""
-    from pipeline.embed.writer import shard_files
+    from pipeline.embeddings.layout import shard_files
 
     time.sleep(int(task.shard_id))
     stats = {"shard": task.shard_id, "attempt": attempt, "samples": 1}
