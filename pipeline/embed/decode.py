@@ -186,10 +186,6 @@ class BatchDecoder:
             row.status, row.error = "preprocess_error", f"{type(e).__name__}: {e}"
             return None
 
-    def decode_one(self, s: RawSample) -> tuple[SampleRow, Any]:
-        row, wants_image = self._row(s)
-        return row, (self._cpu_pixels(row, s.image) if wants_image else None)
-
     def __call__(self, shard_id: str, samples: list[RawSample]) -> DecodedBatch:
         import torch
 

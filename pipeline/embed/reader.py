@@ -13,7 +13,6 @@ from typing import Any, Iterator
 import fsspec
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from pipeline.core.inputs import IMAGE_EXT
 from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import RawSample
 
@@ -163,7 +162,3 @@ def threaded(it: Iterator[RawSample], maxsize: int, timeout_s: float) -> Iterato
             yield item
     finally:
         stop.set()
-
-
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXT)

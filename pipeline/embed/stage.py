@@ -132,8 +132,3 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
                 )
         raise JobFailed(f"{len(failed)} shard(s) failed: {', '.join(failed)}; re-run to retry them", summary)
     return summary
-
-
-def all_stats(output: str) -> list[dict[str, Any]]:
-    """Stats of every committed shard (the same files on a local pool and on Spark)."""
-    return [read_stats(output, s) for s in committed_shards(output, include_empty=True)]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -45,6 +45,18 @@ class EmbeddingModel(ABC):
     def preprocess_info(self) -> dict[str, Any]:
         """What the manifest records about preprocessing (size, mean, std, interpolation...)."""
         return {}
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_sha256(path: "str | os.PathLike[str]") -> str:
+    """sha256 of a file, remembered per (path, size, mtime) within the process (weights are fingerprinted often)."""
+    resolved = os.path.realpath(path)
+    st = os.stat(resolved)
+    return _cached_sha256(resolved, st.st_size, st.st_mtime_ns)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -125,7 +137,3 @@ def resolve_device(device: str) -> "torch.device":
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"model.device={device} but no CUDA device is available")
     return d
-
-
-def file_or_none(path: str | None) -> Path | None:
-    return Path(path).expanduser() if path else None

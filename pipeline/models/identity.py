@@ -5,14 +5,13 @@ The embed driver only needs this, so it starts in well under a second; the loade
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.models import ModelLoadError, register_fingerprint, sha256_file
+from pipeline.models import ModelLoadError, file_sha256, register_fingerprint, sha256_file
 
 if TYPE_CHECKING:
     from pipeline.core.config import ModelConfig
@@ -22,17 +21,6 @@ HF_HINT = (
     "model.path must be a local directory written by save_pretrained() (config.json, weights, "
     "preprocessor_config.json and tokenizer files), e.g. a snapshot folder of a pre-filled Hugging Face cache"
 )
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) within the process."""
-    st = path.stat()
-    return _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def open_clip_fingerprint(cfg: "ModelConfig") -> dict[str, Any]:

@@ -11,7 +11,6 @@ right caption among 23 went from ~7 to ~3).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from importlib import metadata
@@ -24,10 +23,10 @@ import torch.nn.functional as F
 from pipeline.models import (
     EmbeddingModel,
     ModelLoadError,
+    file_sha256,
     register_fingerprint,
     register_loader,
     resolve_device,
-    sha256_file,
 )
 
 if TYPE_CHECKING:
@@ -93,16 +92,6 @@ def class_names() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    return _cached_sha256(str(path), st.st_size, st.st_mtime_ns)
-
-
 def check_precision(cfg: "ModelConfig") -> None:
     if cfg.precision == "int8":
         # Dynamic int8 quantizes Linear layers only: the classifier's cost is in its convolutions, and the
@@ -124,7 +113,7 @@ def fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
         "prompt": PROMPT,
         "top_k": TOP_K,
         "packages": package_versions(),
-        "weights_sha256": {name: _file_sha256(path) for name, path in files.items()},
+        "weights_sha256": {name: file_sha256(path) for name, path in files.items()},
     }
 
 

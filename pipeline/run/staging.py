@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import posixpath
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import fsspec
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.fsio import TMP_MARK, put_json, read_json
+from pipeline.core.fsio import put_json, read_json, tmp_name
 
 if TYPE_CHECKING:
     from pipeline.run.layout import ChainLayout
@@ -109,7 +108,7 @@ def ingest_url_lists(
     for name in new:
         staged = f"{len(ledger['files']):05d}_{name}"
         final = posixpath.join(paths.url_lists, staged)
-        tmp = f"{final}{TMP_MARK}{os.getpid()}"
+        tmp = tmp_name(final)
         digest = _sha256(fs, posixpath.join(folder, name), copy_to=tmp)
         out_fs.mv(fsspec.core.url_to_fs(tmp)[1], fsspec.core.url_to_fs(final)[1])
         ledger["files"].append(

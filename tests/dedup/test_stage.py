@@ -15,7 +15,9 @@ import pytest
 from pipeline.cli.main import main
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.dedup.stage import calibrate, choose_mode, dedup, exact_pairs, keeper_rank, parse_bytes
+from pipeline.core.units import parse_bytes
+from pipeline.dedup.groups import calibrate, exact_pairs, keeper_rank
+from pipeline.dedup.stage import choose_mode, dedup
 from tests.support.helpers import random_unit, write_fake_embed_output
 
 
