@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -174,3 +175,53 @@ def test_tar_with_every_bad_data_kind_exits_0(
     assert len(meta) == len(samples) and meta["index"].tolist() == list(range(len(samples)))
     out = capsys.readouterr().out
     assert "samples: 12" in out and "decode_error=2" in out and "too_large=1" in out
+
+
+# ---- storage requests per shard ---------------------------------------------------------------------------
+
+COUNTING_WORKER = "tests.support.countfs:counting_embed_worker"
+SIZES = (10, 100)
+MAX_PER_SHARD = {"LIST": 0, "HEAD": 4, "GET": 2, "PUT": 5, "COPY": 5, "DELETE": 5}  # generous: the order, not the count
+
+
+@pytest.fixture(scope="module")
+def request_counts(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, str]) -> dict[str, dict[int, Any]]:
+    """Storage requests, in every process, of planning, a whole local job and a no-op resume, at 10 and 100 shards."""
+    from pipeline.core.config import load_config
+    from pipeline.embed.stage import embed, plan
+    from tests.support.countfs import ENV, totals
+
+    counts: dict[str, dict[int, Any]] = {"planning": {}, "job": {}, "resume": {}}
+    for n in SIZES:
+        root = tmp_path_factory.mktemp(f"requests{n}")
+        make_shards(root / "in", n_shards=n, per_shard=1)
+        cfg = load_config(
+            overrides(tiny_model)
+            + [f"input=countfile://{root}/in", f"output=countfile://{root}/out", "local.processes=1"]
+        )
+        for step in counts:
+            folder = root / f"requests_{step}"
+            folder.mkdir()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv(ENV, str(folder))  # spawned workers inherit it
+                if step == "planning":
+                    assert len(plan(cfg)) == n
+                else:
+                    done = embed(cfg, worker=COUNTING_WORKER)["shards_done"]
+                    assert done == (n if step == "job" else 0)
+            counts[step][n] = totals(folder)
+    return counts
+
+
+@pytest.mark.parametrize("step", ["planning", "job", "resume"])
+def test_storage_requests_per_shard_stay_constant(step: str, request_counts: dict[str, dict[int, Any]]) -> None:
+    """Requests grow by the same whole number per shard from 10 to 100 shards, and nothing lists per shard: a
+    listing per shard or per progress poll would break it (the Spark driver used to list every stats marker per
+    poll)."""
+    small, big = (request_counts[step][n] for n in SIZES)
+    for kind, bound in MAX_PER_SHARD.items():
+        grew = big[kind] - small[kind]
+        assert grew % (SIZES[1] - SIZES[0]) == 0, (kind, small, big)
+        assert 0 <= grew // (SIZES[1] - SIZES[0]) <= bound, (kind, small, big)
+    if step == "job":
+        assert small["PUT"] >= SIZES[0] and small["GET"] >= SIZES[0]  # every shard was read and written
