@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.core.config import Config
 from pipeline.core.tasks import ShardTask
 from pipeline.distribute.base import WorkerContext
+from pipeline.embed.runner import embed_worker  # at import: a pool worker loads torch before it reports ready
 
 FAULT_DIR = "CLIPLINE_TEST_FAULT_DIR"
 
@@ -67,8 +68,6 @@ def hang_00000(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, An
 
 def embed_dies_mid_shard(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
     """The real embed worker, but shard 00001 dies half-way through on every attempt."""
-    from pipeline.embed.runner import embed_worker
-
     if task.shard_id == "00001":
         import pipeline.embed.writer as writer
 

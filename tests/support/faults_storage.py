@@ -28,6 +28,7 @@ from pipeline.distribute.base import (
     resolve_worker,
     run_attempt,
 )
+from tests.support.faults import embed_dies_mid_shard  # imports torch: a pool worker does it before it is ready
 
 PROTOCOL = "faultymem"
 FAULT_DIR = "CLIPLINE_TEST_FAULT_DIR"  # same variable as tests/support/faults.py: a folder shared with spawned workers
@@ -185,8 +186,6 @@ def crash_and_hang(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str
     if task.shard_id == "00000" and n == 0:
         (Path(os.environ[FAULT_DIR]) / "hung_pid").write_text(str(os.getpid()))
         time.sleep(600)
-    from tests.support.faults import embed_dies_mid_shard
-
     return embed_dies_mid_shard(task, cfg, ctx)
 
 
