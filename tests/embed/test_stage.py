@@ -225,3 +225,46 @@ def test_storage_requests_per_shard_stay_constant(step: str, request_counts: dic
         assert 0 <= grew // (SIZES[1] - SIZES[0]) <= bound, (kind, small, big)
     if step == "job":
         assert small["PUT"] >= SIZES[0] and small["GET"] >= SIZES[0]  # every shard was read and written
+
+
+# ---- the embed stage's side of the distributor contract ---------------------------------------------------
+
+
+def test_worker_applies_the_assigned_device_unless_cpu_and_reports_progress(
+    tmp_path: Path, tiny_model: dict[str, str]
+) -> None:
+    from pipeline.core.config import load_config
+    from pipeline.core.tasks import ShardTask
+    from pipeline.distribute.base import WorkerContext
+    from pipeline.embed.runner import embed_worker, on_device
+
+    cfg = load_config(overrides(tiny_model))
+    assert on_device(cfg, "cuda:3").model.device == "cuda:3" and cfg.model.device == "auto"  # a copy
+    assert on_device(cfg, None) is cfg
+    cpu = load_config([*overrides(tiny_model), "model.device=cpu"])
+    assert on_device(cpu, "cuda:0").model.device == "cpu"
+
+    make_shards(tmp_path / "in", n_shards=1, per_shard=10)
+    task = ShardTask("00000", str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out"), "webdataset")
+    seen: list[int] = []
+    ctx = WorkerContext(attempt=2, device=None, threads=1, progress=seen.append)
+    stats = embed_worker(task, load_config([*overrides(tiny_model), "embed.batch_size=4"]), ctx)
+    assert seen == [4, 8, 10] and stats["samples"] == 10 and stats["attempt"] == 2
+
+
+def test_committed_probe_reads_the_commit_marker_and_says_none_under_overwrite(
+    tmp_path: Path, tiny_model: dict[str, str]
+) -> None:
+    from pipeline.core.config import load_config
+    from pipeline.core.tasks import ShardTask
+    from pipeline.embed.runner import get_model, run_shard
+    from pipeline.embed.stage import committed_stats
+
+    make_shards(tmp_path / "in", n_shards=1, per_shard=3)
+    cfg = load_config([*overrides(tiny_model), f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"])
+    task = ShardTask("00000", str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out"), "webdataset")
+    assert committed_stats(task, cfg) is None
+    run_shard(task, get_model(cfg), cfg.embed)
+    stats = committed_stats(task, cfg)
+    assert stats is not None and stats["shard"] == "00000" and stats["rows"] == 3
+    assert committed_stats(task, load_config([*overrides(tiny_model), "embed.overwrite=true"])) is None
