@@ -17,7 +17,7 @@ from pipeline.core.config import load_config
 from pipeline.core.tasks import ShardTask
 from pipeline.distribute.base import Job, TaskResult
 from pipeline.distribute.local import LocalDistributor
-from tests.support.faults import FAULT_DIR
+from tests.support.faults import BARRIER, FAULT_DIR
 from tests.support.helpers import make_shards, overrides
 
 
@@ -113,6 +113,7 @@ def test_one_process_per_gpu_each_pinned_to_its_own_device(
 ) -> None:
     """The GPU layout, exercised without a GPU: the supervisor counts 2 devices and pins each process to one."""
     monkeypatch.setattr(local, "gpu_count", lambda: 2)
+    monkeypatch.setenv(BARRIER, str(processes or 2))  # every process holds a task before any finishes
     dist = LocalDistributor(load_config([f"local.processes={processes}", "local.threads=1"]))
     results = dist.run(_job(tasks, "report_placement", gpu=True))
     placements = {(r.stats or {})["pid"]: r.stats or {} for r in results}

@@ -13,6 +13,7 @@ from pipeline.distribute.base import WorkerContext
 from pipeline.embed.runner import embed_worker  # at import: a pool worker loads torch before it reports ready
 
 FAULT_DIR = "CLIPLINE_TEST_FAULT_DIR"
+BARRIER = "CLIPLINE_TEST_BARRIER"  # report_placement: how many processes must each hold a task before any returns
 
 
 def _mark(task: ShardTask) -> Path:
@@ -32,8 +33,17 @@ def echo(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
 
 
 def report_placement(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
-    """Where the pool put this worker: its visible GPU, the device and threads it was given, torch's threads."""
+    """Where the pool put this worker: its visible GPU, the device and threads it was given, torch's threads.
+
+    Waits (up to 120 s) until $CLIPLINE_TEST_BARRIER processes each hold a task, so that a process that became
+    ready first cannot take every task."""
     import torch
+
+    folder = Path(os.environ[FAULT_DIR])
+    (folder / f"placed_{os.getpid()}").touch()
+    deadline = time.monotonic() + 120
+    while len(list(folder.glob("placed_*"))) < int(os.environ.get(BARRIER, "1")) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
     return {
         "pid": os.getpid(),
