@@ -76,7 +76,6 @@ def test_no_import_cycles_between_modules() -> None:
     assert cycles == []
 
 
-@pytest.mark.xfail(strict=True, reason="distribute/spark.py still lists the embed stage's markers (being fixed)")
 def test_distributors_import_no_stage() -> None:
     graph = imports()
     bad = {

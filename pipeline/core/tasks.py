@@ -15,6 +15,11 @@ class ShardTask:
     kind: str  # "webdataset" | "parquet" | "folder"
     members: tuple[str, ...] = ()  # folder inputs: the image URLs of this shard, sorted
 
+    @property
+    def name(self) -> str:
+        """How distributors name the task (in log lines and results): its shard id."""
+        return self.shard_id
+
     def members_digest(self) -> str | None:
         """Identifies a folder shard's content, so a committed one is redone when the folder changed."""
         if not self.members:

@@ -1,117 +1,101 @@
-"""One distributor interface, a registry of backends, and the local spawn-process pool with bounded retries."""
+"""The local backend: a spawn-context process pool, one process per GPU (or `local.processes` on CPU), each fed one
+task at a time over its own pipe; the supervisor sees results, in-task progress, crashes and hangs.
+
+Why one pipe per worker and no multiprocessing.Queue: a queue shares one lock among all workers, so a worker killed
+for a timeout while its feeder thread held that lock would block every other worker's results, and a message cut in
+half would corrupt the stream for all; a pipe dies with its worker. Pipes also need no named semaphore, so nothing is
+left for multiprocessing's resource tracker to report as leaked.
+"""
 
 from __future__ import annotations
 
-import importlib
+import collections
+import contextlib
 import logging
 import multiprocessing as mp
 import os
-import queue
 import sys
+import threading
 import time
-import traceback
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 from pipeline.core.config import Config
-from pipeline.core.tasks import ShardTask
+from pipeline.distribute.base import (
+    Distributor,
+    Job,
+    Ledger,
+    TaskResult,
+    WorkerContext,
+    describe,
+    gpu_count,
+    resolve_worker,
+    run_attempt,
+)
 
 log = logging.getLogger(__name__)
 
-WorkerFn = Callable[..., dict[str, Any]]
+PROGRESS_EVERY_S = 0.5  # a worker sends its in-task progress at most this often
+TICK_S = 0.5  # the supervisor's longest wait between two looks at timeouts and the progress display
 
 
-@dataclass
-class TaskResult:
-    """What became of one task after all its attempts."""
+class _Reporter:
+    """ctx.progress inside a worker process: the latest count, sent to the supervisor at most every PROGRESS_EVERY_S."""
 
-    task: ShardTask
-    ok: bool
-    stats: dict[str, Any] | None = None
-    errors: list[str] = field(default_factory=list)
-    attempts: int = 0
+    def __init__(self, conn: Connection, lock: threading.Lock, idx: int, attempt: int):
+        self.conn, self.lock, self.idx, self.attempt = conn, lock, idx, attempt
+        self.samples, self.sent_at = 0, 0.0
 
-
-def resolve_worker(worker: str | WorkerFn) -> WorkerFn:
-    """`module:function` -> the function (importable names are what cross process and Spark boundaries)."""
-    if callable(worker):
-        return worker
-    module, _, name = worker.partition(":")
-    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
-
-
-class Distributor(ABC):
-    """Runs a worker function over tasks; each task is retried up to `max_retries` times."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    @abstractmethod
-    def run(
-        self,
-        tasks: list[ShardTask],
-        worker: str,
-        max_retries: int,
-        on_result: Callable[[TaskResult], None] | None = None,
-        timeout_s: float | None = None,
-    ) -> list[TaskResult]:
-        """Run every task; returns one TaskResult per task (never raises for a task's failure)."""
-
-
-# Device nodes of the NVIDIA driver, AMD's ROCm and WSL2's GPU bridge: without any of them torch sees no GPU.
-GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
-
-
-def gpu_count() -> int:
-    """GPUs torch can use; 0 without importing torch (3-4 s) on a machine with no GPU device nodes."""
-    if "torch" not in sys.modules and not any(os.path.exists(p) for p in GPU_DEVICE_NODES):
-        return 0
-    try:
-        import torch
-
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    except Exception:  # a broken CUDA install means CPU
-        return 0
+    def __call__(self, samples: int) -> None:
+        self.samples = samples
+        now = time.monotonic()
+        if now - self.sent_at >= PROGRESS_EVERY_S:
+            self.sent_at = now
+            with self.lock:  # a worker may report from its own threads
+                self.conn.send(("progress", self.idx, self.attempt, samples))
 
 
 def _worker_main(
-    slot: int, gpu: int | None, threads: int, worker: str, cfg_json: str, task_q: Any, result_q: Any
+    gpu: int | None, threads: int, worker: str, committed: str | None, cfg_json: str, conn: Connection
 ) -> None:
-    """Entry of one pool process: pin a GPU, load nothing until the first task, then loop over tasks."""
+    """Entry of one pool process: pin a GPU, load nothing until the first task, then run tasks until told to stop."""
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # this process sees only its GPU, as cuda:0
     # torch reads this when first imported (by the worker function's model), so workers share the cores.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from pipeline.core.logs import setup_worker_logging
 
     cfg = Config.model_validate_json(cfg_json)
-    if gpu is not None and cfg.model.device != "cpu":
-        # This process sees only its GPU, as cuda:0; an explicit cuda:N from the config would name another one.
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": "cuda"})})
     setup_worker_logging(cfg.log_level)
     fn = resolve_worker(worker)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    probe = resolve_worker(committed) if committed else None
+    lock = threading.Lock()
+    conn.send(("ready",))  # imports done: from now on a task's time limit is the task's own
     while True:
-        item = task_q.get()
-        if item is None:
-            _exit_quickly(result_q)
-        idx, task, attempt = item
         try:
-            stats = fn(task, cfg, attempt)
-            result_q.put(("done", slot, idx, stats))
+            item = conn.recv()
+        except EOFError:  # the supervisor is gone
+            break
+        if item is None:
+            break
+        idx, task, attempt = item
+        report = _Reporter(conn, lock, idx, attempt)
+        ctx = WorkerContext(attempt, "cuda:0" if gpu is not None else None, threads, report)
+        try:
+            msg: tuple[Any, ...] = ("done", idx, attempt, run_attempt(fn, probe, task, cfg, ctx), report.samples)
         except BaseException as e:  # reported to the supervisor, which decides on a retry
-            result_q.put(("error", slot, idx, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"))
+            msg = ("error", idx, attempt, describe(e))
+        with lock:
+            conn.send(msg)
+    _exit_quickly(conn)
 
 
-def _exit_quickly(result_q: Any) -> None:
+def _exit_quickly(conn: Connection) -> None:
     """Leave without the interpreter's teardown, which takes seconds once torch and open_clip are loaded.
 
-    Nothing is lost: every result is flushed through the queue first, and logs and stdio are flushed.
-    """
-    result_q.close()
-    result_q.join_thread()
+    Nothing is lost: a pipe's send returns once the message is written, and logs and stdio are flushed. The process
+    registered nothing with multiprocessing's resource tracker, so skipping its atexit hooks leaks nothing."""
+    conn.close()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -121,167 +105,209 @@ def _exit_quickly(result_q: Any) -> None:
 class LocalDistributor(Distributor):
     """A spawn-context process pool: one process per GPU, or `local.processes` on CPU."""
 
-    def _layout(self) -> tuple[int, list[int | None], int]:
-        gpus = 0 if self.cfg.model.device == "cpu" else gpu_count()
+    def _layout(self, gpu: bool = True) -> tuple[int, list[int | None], int]:
+        """(processes, the GPU of each, CPU threads of each) for a job that does or does not want GPUs."""
+        gpus = gpu_count() if gpu else 0
         n = self.cfg.local.processes or (gpus or 1)
         slots: list[int | None] = [i % gpus if gpus else None for i in range(n)]
         threads = self.cfg.local.threads or max(1, (os.cpu_count() or 1) // n)
         return n, slots, threads
 
-    def run(
-        self,
-        tasks: list[ShardTask],
-        worker: str,
-        max_retries: int,
-        on_result: Callable[[TaskResult], None] | None = None,
-        timeout_s: float | None = None,
-    ) -> list[TaskResult]:
-        if not tasks:
-            return []
-        n, gpus, threads = self._layout()
-        pool = _Pool(
-            tasks, min(n, len(tasks)), gpus, threads, worker, self.cfg.model_dump_json(), max_retries, on_result
-        )
+    def run(self, job: Job, on_result: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
+        ledger = Ledger(job, on_result)
+        if not job.tasks:
+            ledger.close()
+            return ledger.results
+        n, gpus, threads = self._layout(job.gpu)
+        tracker_was_running = _tracker_running()
+        pool = _Pool(job, ledger, gpus[: min(n, len(job.tasks))], threads, self.cfg.model_dump_json())
         try:
-            while pool.remaining:
+            while ledger.remaining:
                 pool.dispatch()
-                if not pool.take_result(timeout=0.5):
-                    pool.check_workers(timeout_s)
+                pool.wait(TICK_S)
+                pool.check_timeouts()
+                ledger.tick()
         finally:
             pool.shutdown()
-        return pool.results
+            ledger.close()
+            if not tracker_was_running:
+                _reap_resource_tracker()
+        return ledger.results
 
 
 class _Pool:
-    """The supervisor's state: worker processes, what each holds, what is left to do, and the results."""
+    """The supervisor's state: worker processes and their pipes, what each holds, and what is left to dispatch."""
 
-    def __init__(
-        self,
-        tasks: list[ShardTask],
-        n: int,
-        gpus: list[int | None],
-        threads: int,
-        worker: str,
-        cfg_json: str,
-        max_retries: int,
-        on_result: Callable[[TaskResult], None] | None,
-    ):
-        self.tasks, self.n, self.gpus, self.threads = tasks, n, gpus, threads
-        self.worker, self.cfg_json, self.max_retries, self.on_result = worker, cfg_json, max_retries, on_result
+    def __init__(self, job: Job, ledger: Ledger, gpus: list[int | None], threads: int, cfg_json: str):
+        self.job, self.ledger, self.gpus, self.threads, self.cfg_json = job, ledger, gpus, threads, cfg_json
         self.ctx = mp.get_context("spawn")
-        self.result_q = self.ctx.Queue()
-        self.results = [TaskResult(t, ok=False) for t in tasks]
-        self.todo: list[tuple[int, int]] = [(i, 0) for i in reversed(range(len(tasks)))]
+        self.todo = collections.deque(range(len(job.tasks)))  # retries go to the front
         self.procs: dict[int, Any] = {}
-        self.queues: dict[int, Any] = {}
+        self.conns: dict[int, Connection] = {}
         self.holding: dict[int, tuple[int, int, float]] = {}  # slot -> (task index, attempt, start time)
-        self.remaining = len(tasks)
+        self.gone: set[int] = set()  # slots whose pipe reached its end: their process is exiting
+        self.started: dict[int, float] = {}  # slot -> when its process was started, until it is ready
         self.idle_deaths = 0
-        for slot in range(n):
+        for slot in range(len(gpus)):
             self.spawn(slot)
 
     def spawn(self, slot: int) -> None:
-        q = self.ctx.Queue()
+        parent, child = self.ctx.Pipe()
         p = self.ctx.Process(
             target=_worker_main,
-            args=(slot, self.gpus[slot], self.threads, self.worker, self.cfg_json, q, self.result_q),
+            args=(self.gpus[slot], self.threads, self.job.worker, self.job.committed, self.cfg_json, child),
             name=f"clipline-worker-{slot}",
         )
         p.start()
-        self.procs[slot], self.queues[slot] = p, q
+        child.close()  # only the worker holds its end, so the pipe ends when the worker does
+        self.procs[slot], self.conns[slot] = p, parent
+        self.gone.discard(slot)
+        self.started[slot] = time.monotonic()
 
     def dispatch(self) -> None:
-        for slot in self.procs:
-            if slot not in self.holding and self.todo:
-                idx, attempt = self.todo.pop()
-                self.queues[slot].put((idx, self.tasks[idx], attempt))
-                self.holding[slot] = (idx, attempt, time.monotonic())
+        for slot, conn in self.conns.items():
+            if slot not in self.holding and slot not in self.started and slot not in self.gone and self.todo:
+                i = self.todo.popleft()
+                attempt = self.ledger.next_attempt[i]
+                self.holding[slot] = (i, attempt, time.monotonic())
+                with contextlib.suppress(OSError):  # a dead worker: its sentinel reports it and the task
+                    conn.send((i, self.job.tasks[i], attempt))
 
-    def finish(self, r: TaskResult) -> None:
-        self.remaining -= 1
-        if self.on_result:
-            self.on_result(r)
+    def wait(self, timeout: float) -> None:
+        """Handle what the workers sent and the workers that died, waiting up to `timeout` for the first event."""
+        owners: dict[Any, tuple[str, int, Any]] = {}
+        for slot, conn in self.conns.items():
+            if slot not in self.gone:
+                owners[conn] = ("pipe", slot, conn)
+            owners[self.procs[slot].sentinel] = ("exit", slot, conn)
+        for ready in wait(list(owners), timeout):
+            what, slot, conn = owners[ready]
+            if self.conns.get(slot) is not conn:
+                continue  # that worker was replaced earlier in this loop
+            if what == "pipe":
+                self.drain(slot)
+            else:
+                self.died(slot)
 
-    def settle(self, idx: int, attempt: int, error: str) -> None:
-        """A failed attempt: retry it, or past the bound report the task failed."""
-        r = self.results[idx]
-        r.errors.append(error)
-        r.attempts = attempt + 1
-        first = error.splitlines()[0]
-        if attempt < self.max_retries:
-            log.warning("shard %s failed (attempt %d), retrying: %s", self.tasks[idx].shard_id, attempt + 1, first)
-            self.todo.append((idx, attempt + 1))
-        else:
-            log.error("shard %s failed after %d attempts: %s", self.tasks[idx].shard_id, attempt + 1, first)
-            self.finish(r)
+    def drain(self, slot: int) -> None:
+        conn = self.conns[slot]
+        try:
+            while conn.poll():
+                self.handle(slot, conn.recv())
+        except (EOFError, OSError):
+            self.gone.add(slot)  # the worker is exiting; its sentinel settles what it held
 
-    def handle(self, msg: tuple[str, int, int, Any]) -> None:
-        kind, slot, idx, payload = msg
+    def handle(self, slot: int, msg: tuple[Any, ...]) -> None:
+        if msg[0] == "ready":
+            self.started.pop(slot, None)
+            return
+        kind, i, attempt = msg[:3]
         held = self.holding.get(slot)
-        if held is None or held[0] != idx:
-            return  # stale message from an attempt already settled (timed out, then finished)
+        if held is None or held[:2] != (i, attempt):
+            return  # from an attempt already settled
+        if kind == "progress":
+            self.ledger.report(i, msg[3])
+            return
         self.holding.pop(slot)
         if kind == "done":
-            r = self.results[idx]
-            r.ok, r.stats, r.attempts = True, payload, held[1] + 1
-            self.finish(r)
+            self.ledger.succeed(i, msg[3], attempt, msg[4])
         else:
-            self.settle(idx, held[1], payload)
+            self.settle(i, attempt, msg[3])
 
-    def take_result(self, timeout: float | None) -> bool:
-        try:
-            msg = self.result_q.get(timeout=timeout) if timeout else self.result_q.get_nowait()
-        except queue.Empty:
-            return False
-        self.handle(msg)
-        return True
+    def settle(self, i: int, attempt: int, error: str) -> None:
+        if self.ledger.fail(i, error, attempt + 1):
+            self.todo.appendleft(i)
 
-    def check_workers(self, timeout_s: float | None) -> None:
-        """Replace dead workers (their shard counts as a failed attempt) and kill ones past the shard timeout."""
-        for slot, p in list(self.procs.items()):
-            held = self.holding.get(slot)
-            if not p.is_alive():
-                while self.take_result(timeout=None):  # a result sent just before dying is already in the pipe
-                    pass
-                held = self.holding.pop(slot, None)
-                if held is not None:
-                    self.settle(held[0], held[1], f"worker process died (exit code {p.exitcode})")
-                else:
-                    self.idle_deaths += 1
-                    if self.idle_deaths > 3 * self.n:
-                        raise RuntimeError(f"worker processes keep dying at start-up (exit code {p.exitcode})")
-                if self.remaining:
-                    self.spawn(slot)
-            elif held is not None and timeout_s and time.monotonic() - held[2] > timeout_s:
-                p.kill()
-                p.join()
-                self.holding.pop(slot)
-                self.settle(held[0], held[1], f"shard timed out after {timeout_s:.0f}s")
+    def retire(self, slot: int, kill: bool = False) -> Any:
+        """Stop tracking a worker (killing it first if asked) and reap it."""
+        p = self.procs.pop(slot)
+        if kill:
+            p.kill()
+        p.join()
+        self.conns.pop(slot).close()
+        self.gone.discard(slot)
+        self.started.pop(slot, None)
+        return p
+
+    def died(self, slot: int) -> None:
+        """A worker exited on its own: its task counts as a failed attempt; a replacement starts."""
+        self.drain(slot)  # a result sent just before dying is still in the pipe
+        p = self.retire(slot)
+        held = self.holding.pop(slot, None)
+        if held is not None:
+            self.settle(held[0], held[1], f"worker process died (exit code {p.exitcode})")
+        else:
+            self.idle_death(f"exit code {p.exitcode}")
+        if self.ledger.remaining:
+            self.spawn(slot)
+
+    def idle_death(self, why: str) -> None:
+        self.idle_deaths += 1
+        if self.idle_deaths > 3 * len(self.gpus):
+            raise RuntimeError(f"worker processes keep failing at start-up ({why})")
+
+    def check_timeouts(self) -> None:
+        """Kill a worker past the time limit: on its task (a failed attempt), or still starting (a failed start)."""
+        timeout_s = self.job.timeout_s
+        for slot, t0 in list(self.started.items()):
+            if timeout_s and time.monotonic() - t0 > timeout_s:
+                self.retire(slot, kill=True)
+                self.idle_death(f"not ready after {timeout_s:.0f}s")
                 self.spawn(slot)
+        for slot, (i, attempt, t0) in list(self.holding.items()):
+            if timeout_s and time.monotonic() - t0 > timeout_s:
+                self.retire(slot, kill=True)
+                self.holding.pop(slot)
+                self.settle(i, attempt, f"timed out after {timeout_s:.0f}s")
+                if self.ledger.remaining:
+                    self.spawn(slot)
 
     def shutdown(self) -> None:
-        for q in self.queues.values():
-            try:
-                q.put(None)
-            except Exception:
-                pass
-        for p in self.procs.values():
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        """Idle workers are told to stop; busy ones (the run ended early: an error, Ctrl-C) are killed."""
+        for slot, conn in self.conns.items():
+            if slot not in self.holding:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+        for slot in list(self.procs):
+            if slot not in self.holding:
+                self.procs[slot].join(timeout=10)
+            self.retire(slot, kill=self.procs[slot].is_alive())
 
 
-_BACKENDS: dict[str, str] = {
-    "local": "pipeline.distribute.local:LocalDistributor",
-    "spark": "pipeline.distribute.spark:SparkDistributor",
-}
+def _tracker_running() -> bool:
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_pid", None) is not None
 
 
-def get_distributor(cfg: Config) -> Distributor:
-    """The backend named by cfg.distributor; an unknown name raises ValueError at once."""
-    if cfg.distributor not in _BACKENDS:
-        raise ValueError(f"unknown distributor {cfg.distributor!r}; known: {', '.join(sorted(_BACKENDS))}")
-    module, _, name = _BACKENDS[cfg.distributor].partition(":")
-    cls: type[Distributor] = getattr(importlib.import_module(module), name)
-    return cls(cfg)
+def _reap_resource_tracker(wait_s: float = 5.0) -> None:
+    """Stop the resource tracker that starting the pool's processes launched, and reap it.
+
+    Every spawn-context process start launches multiprocessing's resource tracker, a process that otherwise lives
+    until this interpreter has exited (and a little longer): a scheduler watching the process group sees it outlive
+    `clipline embed`. The pool registers nothing with it (pipes, no named semaphores) and its workers are gone, so it
+    has nothing left to do; closing our end of its pipe makes it exit. Python offers no public call for this: this
+    does what the private `ResourceTracker._stop()` does, without its unbounded wait (a grandchild of a worker could
+    still hold the pipe). The next spawn starts a new tracker.
+    """
+    from multiprocessing import resource_tracker
+
+    tracker: Any = resource_tracker._resource_tracker  # private fields: see above
+    try:
+        with tracker._lock:
+            fd, pid = tracker._fd, tracker._pid
+            if fd is None or pid is None:
+                return
+            tracker._fd = tracker._pid = None
+            os.close(fd)
+    except Exception as e:  # a Python whose tracker looks different: leave it to exit with us
+        log.debug("resource tracker left running: %s", e)
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # not ours to reap after all
+            return
+        time.sleep(0.01)

@@ -150,7 +150,7 @@ def _run_img2dataset(cfg: Config, kwargs: dict[str, Any]) -> None:
     try:
         with contextlib.ExitStack() as stack:
             if cfg.distributor == "spark":
-                from pipeline.distribute.spark import spark_session
+                from pipeline.distribute.spark_session import spark_session
 
                 # img2dataset's pyspark distributor runs on the active session; stopped after only if made here.
                 stack.enter_context(spark_session(cfg))

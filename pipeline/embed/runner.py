@@ -10,12 +10,13 @@ import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from pipeline.core.config import Config, EmbedConfig
 from pipeline.core.tasks import ShardTask
+from pipeline.distribute.base import WorkerContext
 from pipeline.embed.batch import OK, DecodedBatch, EmbeddedBatch, RawSample
 from pipeline.embed.decode import BatchDecoder
 from pipeline.embed.reader import ShardDamaged, iter_samples, threaded
@@ -147,8 +148,15 @@ def make_decoder(model: EmbeddingModel, cfg: EmbedConfig) -> BatchDecoder:
     )
 
 
-def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt: int = 0) -> dict[str, Any]:
-    """Embed one shard and commit its files; returns the stats written as its commit marker."""
+def run_shard(
+    task: ShardTask,
+    model: EmbeddingModel,
+    cfg: EmbedConfig,
+    attempt: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Embed one shard and commit its files; returns the stats written as its commit marker. `progress` is told the
+    samples embedded so far after each batch."""
     started = time.time()
     decoder = make_decoder(model, cfg)
     writer = ShardWriter(task.output, task.shard_id, model.dim, cfg.output_dtype, cfg.write_parquet)
@@ -177,6 +185,8 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
         for r in emb.rows:
             status_counts[r.status] += 1
             caption_counts[r.caption_status] += 1
+        if progress is not None:
+            progress(status_counts.total())
 
     init = _idle_thread if decode_idle(cfg, model) else None
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode", initializer=init) as pool:
@@ -219,11 +229,25 @@ def run_shard(task: ShardTask, model: EmbeddingModel, cfg: EmbedConfig, attempt:
     return writer.close(stats, skip_if_committed=not cfg.overwrite)
 
 
-def embed_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
-    """The importable worker function every distributor calls for one embed task."""
+def on_device(cfg: Config, device: str | None) -> Config:
+    """A copy of cfg whose model runs on the device the distributor assigned (model.device=cpu is kept)."""
+    if not device or cfg.model.device == "cpu":
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
+
+
+def embed_worker(task: ShardTask, cfg: Config, ctx: WorkerContext | None = None) -> dict[str, Any]:
+    """The importable worker function every distributor calls for one embed task (ctx: the attempt, device,
+    threads and progress callback the distributor gives it)."""
     if cfg.embed.decode == "device":
         from pipeline.embed.devicedecode import check_config
 
         check_config(cfg)
-    model = get_model(cfg)
-    return run_shard(task, model, cfg.embed, attempt)
+    if ctx is None:  # called directly, not by a distributor
+        return run_shard(task, get_model(cfg), cfg.embed)
+    model = get_model(on_device(cfg, ctx.device))
+    if model.device.type == "cpu":
+        import torch
+
+        torch.set_num_threads(ctx.threads)  # the cores the distributor gave this attempt
+    return run_shard(task, model, cfg.embed, ctx.attempt, ctx.progress)

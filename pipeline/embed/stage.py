@@ -7,13 +7,12 @@ import time
 from typing import Any
 
 import fsspec
-from tqdm import tqdm
 
 from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.inputs import expand_input
 from pipeline.core.tasks import ShardTask
-from pipeline.distribute.local import TaskResult, get_distributor
+from pipeline.distribute.base import Job, get_distributor
 from pipeline.embed.plan import drop_unfinished_downloads, plan_shards
 from pipeline.embed.summary import summarize_embed
 from pipeline.embed.writer import (
@@ -29,6 +28,7 @@ from pipeline.models import model_fingerprint
 log = logging.getLogger(__name__)
 
 WORKER = "pipeline.embed.runner:embed_worker"
+COMMITTED = "pipeline.embed.stage:committed_stats"
 
 
 def build_manifest(cfg: Config) -> dict[str, Any]:
@@ -64,6 +64,17 @@ def plan(cfg: Config) -> list[ShardTask]:
     return plan_shards(urls, cfg.output.rstrip("/"), cfg.embed.input_format, cfg.embed.folder_shard_size)
 
 
+def committed_stats(task: ShardTask, cfg: Config) -> dict[str, Any] | None:
+    """The distributors' probe before a retry: the stats of a shard already committed (its worker died after the
+    commit, a late speculative copy), or None; always None under embed.overwrite, which redoes committed shards."""
+    if cfg.embed.overwrite:
+        return None
+    try:
+        return read_stats(task.output, task.shard_id)  # one GET, no separate existence check
+    except FileNotFoundError:
+        return None
+
+
 def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
     """Run the embed stage; returns the summary, raises JobFailed when a shard failed for good.
 
@@ -95,23 +106,20 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
     skipped = len(tasks) - len(todo)
     log.info("embed: %d shards planned, %d already committed, %d to do", len(tasks), skipped, len(todo))
 
+    job = Job(
+        "embed",
+        todo,
+        worker,
+        COMMITTED,
+        cfg.embed.max_shard_retries,
+        cfg.embed.shard_timeout_s,
+        gpu=cfg.model.device != "cpu",
+        unit="shard",
+    )
     t0 = time.perf_counter()
-    samples = 0
-    bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True, disable=None)
-
-    def on_result(r: TaskResult) -> None:
-        nonlocal samples
-        if r.ok and r.stats:
-            samples += r.stats.get("samples", 0)
-        bar.update(1)
-        bar.set_postfix(samples=samples, per_s=f"{samples / max(time.perf_counter() - t0, 1e-9):.1f}")
-
     try:
-        results = get_distributor(cfg).run(
-            todo, worker, cfg.embed.max_shard_retries, on_result, timeout_s=cfg.embed.shard_timeout_s
-        )
+        results = get_distributor(cfg).run(job)  # logs each retry and each final failure, once
     finally:
-        bar.close()
         # Files of shards that did not commit (a worker died mid-commit) must not be seen by file-listing readers.
         sweep_temporary(output)
         remove_uncommitted(output)
@@ -122,13 +130,5 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
     if stats:
         update_manifest(output, dim=stats[0].get("dim"))
     if failed:
-        for r in results:
-            if not r.ok:
-                log.error(
-                    "shard %s failed after %d attempts: %s",
-                    r.task.shard_id,
-                    r.attempts,
-                    r.errors[-1] if r.errors else "?",
-                )
         raise JobFailed(f"{len(failed)} shard(s) failed: {', '.join(failed)}; re-run to retry them", summary)
     return summary

@@ -110,7 +110,7 @@ def pyspark_session(cfg: Config) -> Any:
         return nullcontext()
     if cfg.distributor != "spark":
         raise ConfigError("index.distributed=true needs distributor=spark")
-    from pipeline.distribute.spark import spark_session
+    from pipeline.distribute.spark_session import spark_session
 
     return spark_session(cfg)
 

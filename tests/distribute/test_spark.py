@@ -15,28 +15,25 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.distribute.spark as spark_mod
+import pipeline.distribute.spark_session as session_mod
 import pipeline.embed.stage as embed_mod
 from pipeline.core.config import Config, load_config, validate
 from pipeline.core.fsio import TMP_MARK
 from pipeline.core.tasks import ShardTask
-from pipeline.distribute.local import get_distributor
-from pipeline.distribute.spark import (
-    SparkDistributor,
-    failed_partition,
-    get_session,
-    pin_gpu,
-    plan_groups,
-    spark_session,
-    stop_session,
-)
-from pipeline.embed.stage import embed, plan
+from pipeline.distribute.base import Job, Ledger, TaskResult, get_distributor
+from pipeline.distribute.spark import SparkDistributor, apply_records, failed_partition, plan_groups
+from pipeline.distribute.spark_session import get_session, spark_session, stop_session
+from pipeline.embed.stage import COMMITTED, embed, plan
 from pipeline.embeddings.layout import committed_shards, read_stats, shard_files
 from tests.support.helpers import make_shards, overrides
 from tests.support.spark_faults import add_fault
 
 FAULTY = "tests.support.spark_faults:faulty_worker"
 ALL = [f"{s:05d}" for s in range(8)]
+
+
+def job(tasks: list[ShardTask], worker: str, **kw: Any) -> Job:
+    return Job("embed", tasks, worker, kw.pop("committed", COMMITTED), unit="shard", **kw)
 
 
 # ---- pure parts (no Spark) ------------------------------------------------------------------------------
@@ -58,35 +55,16 @@ def test_failed_partition_reads_spark_abort_message() -> None:
     assert failed_partition("SparkContext was shut down") == (None, 1)
 
 
-def test_pin_gpu_sets_device_in_a_copy() -> None:
-    cfg = validate({})
-    pinned = pin_gpu(cfg, ["3", "4"])
-    assert pinned.model.device == "cuda:3" and cfg.model.device == "auto"
-    assert pin_gpu(cfg, []) is cfg
-    cpu = validate({"model": {"device": "cpu"}})
-    assert pin_gpu(cpu, ["0"]).model.device == "cpu"
-
-
-def test_stats_listings_follow_finished_tasks_and_back_off_while_idle() -> None:
-    sched = spark_mod._ListSchedule(min_s=2.0, max_s=10.0, now=0.0)
-    assert not sched.due(1.0, 5)  # never within min_s of the last listing, whatever Spark says
-    assert not sched.due(1.9, None) and sched.due(2.0, None)  # nothing from the tracker: the interval, min_s first
-    intervals, now = [], 0.0
-    for _ in range(5):  # nothing commits: each listing waits twice as long as the last, up to max_s
-        sched.listed(now, 0, found_new=False)
-        wait = next(w for w in range(1, 100) if sched.due(now + w, 0))
-        intervals.append(wait)
-        now += wait
-    assert intervals == [4, 8, 10, 10, 10]
-    sched.listed(now, 0, found_new=False)
-    assert not sched.due(now + 1.5, 1) and sched.due(now + 2.0, 1)  # a task finished: listed after min_s
-    assert not sched.due(now + 2.0, 0) and not sched.due(now + 2.0, None)  # else the backed-off interval holds
-    sched.listed(now + 2.0, 1, found_new=True)  # the commits Spark announced: the interval stays backed off
-    assert sched.interval == 10.0 and not sched.due(now + 11.0, 1) and sched.due(now + 12.0, 1)
-    sched.listed(now + 12.0, 1, found_new=True)  # a commit inside a running task: watch closely again
-    assert sched.interval == 2.0 and sched.due(now + 14.0, 1)
-    sched.listed(now + 14.0, 2, found_new=True, took=3.0)  # a slow listing (a big folder on an object store) ...
-    assert not sched.due(now + 43.0, 3) and sched.due(now + 44.0, 3)  # ... is repeated at most every 10x its time
+def test_records_reach_the_ledger_once_each_in_order_of_arrival() -> None:
+    tasks = [ShardTask(f"{i:05d}", "/in", "/out", "webdataset") for i in range(3)]
+    seen: list[TaskResult] = []
+    ledger = Ledger(Job("t", tasks, "m:f", max_retries=1, unit="shard"), seen.append)
+    records = [{"idx": 1, "attempt": 0, "ok": True, "stats": {"n": 1}, "samples": 5}]
+    assert apply_records(ledger, records, 0) == 1
+    records.append({"idx": 0, "attempt": 0, "ok": False, "error": "RuntimeError: boom", "samples": 0})
+    assert apply_records(ledger, records, 1) == 2 and apply_records(ledger, records, 2) == 2  # nothing new
+    assert [r.task.name for r in seen] == ["00001"] and ledger.pending() == [0, 2]
+    assert ledger.next_attempt[0] == 1 and ledger.progress.samples == 5
 
 
 def test_registry_gives_spark_backend() -> None:
@@ -161,7 +139,7 @@ def expected_keys(shards: list[str]) -> list[str]:
 @pytest.mark.spark
 @pytest.mark.slow
 def test_active_session_is_reused_and_never_stopped(spark: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spark_mod, "_OWNED", {})  # as if a notebook or spark-submit had created it
+    monkeypatch.setattr(session_mod, "_OWNED", {})  # as if a notebook or spark-submit had created it
     cfg = validate({"spark": {"master": "local[1]"}})
     with spark_session(cfg) as s:
         assert s.sparkContext is spark.sparkContext
@@ -199,7 +177,7 @@ def test_failed_tasks_are_retried_and_output_is_complete(
     cfg = make_cfg(tiny_model, shards_dir, out, "distributor=spark")
     tasks = plan(cfg)
     seen: list[Any] = []
-    results = SparkDistributor(cfg).run(tasks, FAULTY, max_retries=2, on_result=seen.append)
+    results = SparkDistributor(cfg).run(job(tasks, FAULTY, max_retries=2), on_result=seen.append)
     assert [r.task.shard_id for r in results] == ALL
     assert sorted(r.task.shard_id for r in seen) == ALL  # on_result once per task
     by = {r.task.shard_id: r for r in results}
@@ -225,7 +203,7 @@ def test_poison_shard_that_crashes_spark_does_not_sink_the_run(
     add_fault(str(out), "crash-always-00001")  # Spark gives up on the task and aborts the job
     cfg = make_cfg(tiny_model, shards_dir, out, "distributor=spark")
     tasks = plan(cfg)[:3]
-    results = SparkDistributor(cfg).run(tasks, FAULTY, max_retries=1)
+    results = SparkDistributor(cfg).run(job(tasks, FAULTY, max_retries=1))
     by = {r.task.shard_id: r for r in results}
     assert by["00000"].ok and by["00002"].ok
     assert not by["00001"].ok and by["00001"].attempts >= 2
@@ -238,52 +216,48 @@ def test_poison_shard_that_crashes_spark_does_not_sink_the_run(
 def test_timeout_and_shards_per_task(spark: Any, tmp_path: Path) -> None:
     cfg = validate({"output": str(tmp_path / "out"), "distributor": "spark", "spark": {"shards_per_task": 3}})
     tasks = [ShardTask(s, f"/nowhere/{s}.tar", str(tmp_path / "out"), "webdataset") for s in ALL]
-    results = SparkDistributor(cfg).run(tasks, "tests.support.spark_faults:where_worker", max_retries=0)
+    results = SparkDistributor(cfg).run(job(tasks, "tests.support.spark_faults:where_worker"))
     parts = [(r.stats or {})["partition"] for r in results]
+    assert {((r.stats or {})["device"], (r.stats or {})["threads"]) for r in results} == {(None, 1)}  # spark.task.cpus
     assert parts[0] == parts[1] == parts[2] != parts[3] == parts[4] == parts[5] != parts[6] == parts[7]
     assert len(set(parts)) == 3
     t0 = time.monotonic()
-    slow = SparkDistributor(cfg).run(
-        tasks[:1], "tests.support.spark_faults:sleepy_worker", max_retries=0, timeout_s=1.0
-    )
+    slow = SparkDistributor(cfg).run(job(tasks[:1], "tests.support.spark_faults:sleepy_worker", timeout_s=1.0))
     assert not slow[0].ok and "timed out after 1s" in slow[0].errors[0]
     assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_progress_is_reported_as_shards_commit(spark: Any, tmp_path: Path) -> None:
-    out = str(tmp_path / "out")
+def test_progress_and_outcomes_arrive_as_spark_tasks_end_without_touching_storage(
+    spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1-second task's outcome and samples reach the driver while the 4-second one still runs, from the round's
+    accumulator: the driver makes no storage request at all while the job runs (the old one listed stats folders)."""
+    from tests.support.countfs import CountingFileSystem
+
+    out = f"countfile://{tmp_path}/out"
     cfg = validate({"output": out, "distributor": "spark"})
-    tasks = [ShardTask(s, f"/nowhere/{s}.tar", out, "webdataset") for s in ("00000", "00004")]
+    tasks = [ShardTask(s, f"/nowhere/{s}.tar", out, "webdataset") for s in ("00001", "00004")]
+    samples: list[tuple[float, int]] = []
+    original = Ledger.tick
+
+    def tick(self: Ledger) -> None:
+        samples.append((time.monotonic(), self.progress.samples))
+        original(self)
+
+    monkeypatch.setattr(Ledger, "tick", tick)
+    CountingFileSystem.calls.clear()
     seen: dict[str, float] = {}
     results = SparkDistributor(cfg).run(
-        tasks,
-        "tests.support.spark_faults:marker_worker",
-        max_retries=0,
-        on_result=lambda r: seen.setdefault(r.task.shard_id, time.monotonic()),
+        job(tasks, "tests.support.spark_faults:progress_worker"),
+        on_result=lambda r: seen.setdefault(r.task.name, time.monotonic()),
     )
     end = time.monotonic()
-    assert all(r.ok for r in results) and set(seen) == {"00000", "00004"}
-    assert seen["00000"] < end - 2.0  # reported while the 4-second shard was still running
-
-
-@pytest.mark.spark
-@pytest.mark.slow
-def test_finished_tasks_come_from_the_status_tracker(spark: Any) -> None:
-    from pyspark import InheritableThread
-
-    sc = spark.sparkContext
-
-    def job() -> None:  # in its own thread: the job group is a thread-local property
-        sc.setJobGroup("clipline-tracker-test", "test")
-        sc.parallelize(range(6), 3).map(lambda x: x + 1).collect()
-
-    t = InheritableThread(target=job)
-    t.start()
-    t.join()
-    assert spark_mod._finished_tasks(sc, "clipline-tracker-test") == 3
-    assert spark_mod._finished_tasks(sc, "clipline-no-such-group") == 0
+    assert all(r.ok for r in results) and set(seen) == {"00001", "00004"}
+    assert seen["00001"] < end - 2.0  # reported while the 4-second task was still running
+    assert any(n == 10 for t, n in samples if t < end - 2.0)  # its 10 samples too
+    assert sum(CountingFileSystem.calls.values()) == 0, CountingFileSystem.calls
 
 
 def _spark_submit() -> str:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -174,3 +175,96 @@ def test_tar_with_every_bad_data_kind_exits_0(
     assert len(meta) == len(samples) and meta["index"].tolist() == list(range(len(samples)))
     out = capsys.readouterr().out
     assert "samples: 12" in out and "decode_error=2" in out and "too_large=1" in out
+
+
+# ---- storage requests per shard ---------------------------------------------------------------------------
+
+COUNTING_WORKER = "tests.support.countfs:counting_embed_worker"
+SIZES = (10, 100)
+MAX_PER_SHARD = {"LIST": 0, "HEAD": 4, "GET": 2, "PUT": 5, "COPY": 5, "DELETE": 5}  # generous: the order, not the count
+
+
+@pytest.fixture(scope="module")
+def request_counts(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, str]) -> dict[str, dict[int, Any]]:
+    """Storage requests, in every process, of planning, a whole local job and a no-op resume, at 10 and 100 shards."""
+    from pipeline.core.config import load_config
+    from pipeline.embed.stage import embed, plan
+    from tests.support.countfs import ENV, totals
+
+    counts: dict[str, dict[int, Any]] = {"planning": {}, "job": {}, "resume": {}}
+    for n in SIZES:
+        root = tmp_path_factory.mktemp(f"requests{n}")
+        make_shards(root / "in", n_shards=n, per_shard=1)
+        cfg = load_config(
+            overrides(tiny_model)
+            + [f"input=countfile://{root}/in", f"output=countfile://{root}/out", "local.processes=1"]
+        )
+        for step in counts:
+            folder = root / f"requests_{step}"
+            folder.mkdir()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv(ENV, str(folder))  # spawned workers inherit it
+                if step == "planning":
+                    assert len(plan(cfg)) == n
+                else:
+                    done = embed(cfg, worker=COUNTING_WORKER)["shards_done"]
+                    assert done == (n if step == "job" else 0)
+            counts[step][n] = totals(folder)
+    return counts
+
+
+@pytest.mark.parametrize("step", ["planning", "job", "resume"])
+def test_storage_requests_per_shard_stay_constant(step: str, request_counts: dict[str, dict[int, Any]]) -> None:
+    """Requests grow by the same whole number per shard from 10 to 100 shards, and nothing lists per shard: a
+    listing per shard or per progress poll would break it (the Spark driver used to list every stats marker per
+    poll)."""
+    small, big = (request_counts[step][n] for n in SIZES)
+    for kind, bound in MAX_PER_SHARD.items():
+        grew = big[kind] - small[kind]
+        assert grew % (SIZES[1] - SIZES[0]) == 0, (kind, small, big)
+        assert 0 <= grew // (SIZES[1] - SIZES[0]) <= bound, (kind, small, big)
+    if step == "job":
+        assert small["PUT"] >= SIZES[0] and small["GET"] >= SIZES[0]  # every shard was read and written
+
+
+# ---- the embed stage's side of the distributor contract ---------------------------------------------------
+
+
+def test_worker_applies_the_assigned_device_unless_cpu_and_reports_progress(
+    tmp_path: Path, tiny_model: dict[str, str]
+) -> None:
+    from pipeline.core.config import load_config
+    from pipeline.core.tasks import ShardTask
+    from pipeline.distribute.base import WorkerContext
+    from pipeline.embed.runner import embed_worker, on_device
+
+    cfg = load_config(overrides(tiny_model))
+    assert on_device(cfg, "cuda:3").model.device == "cuda:3" and cfg.model.device == "auto"  # a copy
+    assert on_device(cfg, None) is cfg
+    cpu = load_config([*overrides(tiny_model), "model.device=cpu"])
+    assert on_device(cpu, "cuda:0").model.device == "cpu"
+
+    make_shards(tmp_path / "in", n_shards=1, per_shard=10)
+    task = ShardTask("00000", str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out"), "webdataset")
+    seen: list[int] = []
+    ctx = WorkerContext(attempt=2, device=None, threads=1, progress=seen.append)
+    stats = embed_worker(task, load_config([*overrides(tiny_model), "embed.batch_size=4"]), ctx)
+    assert seen == [4, 8, 10] and stats["samples"] == 10 and stats["attempt"] == 2
+
+
+def test_committed_probe_reads_the_commit_marker_and_says_none_under_overwrite(
+    tmp_path: Path, tiny_model: dict[str, str]
+) -> None:
+    from pipeline.core.config import load_config
+    from pipeline.core.tasks import ShardTask
+    from pipeline.embed.runner import get_model, run_shard
+    from pipeline.embed.stage import committed_stats
+
+    make_shards(tmp_path / "in", n_shards=1, per_shard=3)
+    cfg = load_config([*overrides(tiny_model), f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"])
+    task = ShardTask("00000", str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out"), "webdataset")
+    assert committed_stats(task, cfg) is None
+    run_shard(task, get_model(cfg), cfg.embed)
+    stats = committed_stats(task, cfg)
+    assert stats is not None and stats["shard"] == "00000" and stats["rows"] == 3
+    assert committed_stats(task, load_config([*overrides(tiny_model), "embed.overwrite=true"])) is None

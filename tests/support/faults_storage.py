@@ -18,7 +18,17 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from pipeline.core.config import Config
 from pipeline.core.tasks import ShardTask
-from pipeline.distribute.local import Distributor, TaskResult, resolve_worker
+from pipeline.distribute.base import (
+    Distributor,
+    Job,
+    Ledger,
+    TaskResult,
+    WorkerContext,
+    describe,
+    resolve_worker,
+    run_attempt,
+)
+from tests.support.faults import embed_dies_mid_shard  # imports torch: a pool worker does it before it is ready
 
 PROTOCOL = "faultymem"
 FAULT_DIR = "CLIPLINE_TEST_FAULT_DIR"  # same variable as tests/support/faults.py: a folder shared with spawned workers
@@ -138,35 +148,26 @@ def faults(**settings: Any) -> Iterator[type[FaultyMemoryFS]]:
 
 
 class InlineDistributor(Distributor):
-    """Runs tasks one after another in this process with the local pool's retry contract.
+    """Runs tasks one after another in this process under the same Ledger (retry policy) and probe as the backends.
 
     For memory-backed filesystems (spawned workers would not share them) and for driver tests that need no
     process isolation; tests install it with monkeypatch over the "local" backend.
     """
 
-    def run(
-        self,
-        tasks: list[ShardTask],
-        worker: str,
-        max_retries: int,
-        on_result: Callable[[TaskResult], None] | None = None,
-        timeout_s: float | None = None,
-    ) -> list[TaskResult]:
-        fn = resolve_worker(worker)
-        results = []
-        for task in tasks:
-            r = TaskResult(task, ok=False)
-            for attempt in range(max_retries + 1):
-                r.attempts = attempt + 1
+    def run(self, job: Job, on_result: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
+        ledger = Ledger(job, on_result)
+        fn = resolve_worker(job.worker)
+        probe = resolve_worker(job.committed) if job.committed else None
+        for i, task in enumerate(job.tasks):
+            while ledger.is_open(i):
+                attempt = ledger.next_attempt[i]
+                ctx = WorkerContext(attempt, None, 1, lambda n, i=i: ledger.report(i, n))
                 try:
-                    r.stats, r.ok = fn(task, self.cfg, attempt), True
-                    break
+                    ledger.succeed(i, run_attempt(fn, probe, task, self.cfg, ctx), attempt)
                 except Exception as e:  # reported like the pool reports a worker's exception
-                    r.errors.append(f"{type(e).__name__}: {e}")
-            if on_result:
-                on_result(r)
-            results.append(r)
-        return results
+                    ledger.fail(i, describe(e), attempt + 1)
+        ledger.close()
+        return ledger.results
 
 
 # ---- faulty workers for spawned processes ---------------------------------------------------------------
@@ -179,15 +180,13 @@ def _count_attempt(task: ShardTask) -> int:
     return n
 
 
-def crash_and_hang(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+def crash_and_hang(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
     """Shard 00000 hangs on its first attempt (records its pid); 00001 dies mid-shard on every attempt."""
     n = _count_attempt(task)
     if task.shard_id == "00000" and n == 0:
         (Path(os.environ[FAULT_DIR]) / "hung_pid").write_text(str(os.getpid()))
         time.sleep(600)
-    from tests.support.faults import embed_dies_mid_shard
-
-    return embed_dies_mid_shard(task, cfg, attempt)
+    return embed_dies_mid_shard(task, cfg, ctx)
 
 
 def embed_crash_and_hang(cfg: Config) -> dict[str, Any]:
@@ -197,13 +196,13 @@ def embed_crash_and_hang(cfg: Config) -> dict[str, Any]:
     return embed(cfg, worker="tests.support.faults_storage:crash_and_hang")
 
 
-def fail_commit_of_00001(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+def fail_commit_of_00001(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
     """The real worker, but shard 00001's commit fails after its embeddings were renamed to their final names."""
     import pipeline.embed.writer as writer
     from pipeline.embed.runner import embed_worker
 
     if task.shard_id != "00001":
-        return embed_worker(task, cfg, attempt)
+        return embed_worker(task, cfg, ctx)
     original = writer.put_bytes
 
     def put(fs: Any, final: str, data: bytes) -> None:
@@ -213,7 +212,7 @@ def fail_commit_of_00001(task: ShardTask, cfg: Config, attempt: int = 0) -> dict
 
     writer.put_bytes = put  # type: ignore[assignment]
     try:
-        return embed_worker(task, cfg, attempt)
+        return embed_worker(task, cfg, ctx)
     finally:
         writer.put_bytes = original  # type: ignore[assignment]
 

@@ -8,13 +8,13 @@ exactly one attempt fails even when two run at once.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 from pipeline.core.config import Config
 from pipeline.core.tasks import ShardTask
+from pipeline.distribute.base import WorkerContext
 
 
 def fault_dir(output: str) -> str:
@@ -35,7 +35,7 @@ def _take(path: str) -> bool:
         return False
 
 
-def faulty_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+def faulty_worker(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
     """embed_worker, but first trips the faults named for this shard: raise-once-, crash-once-, raise-always-,
     crash-always- (crash = the Python worker process dies), and `slow` (seconds to sleep per shard)."""
     from pipeline.embed.runner import embed_worker
@@ -53,38 +53,35 @@ def faulty_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, A
     if os.path.exists(slow):
         with open(slow) as f:
             time.sleep(float(f.read() or 1))
-    return embed_worker(task, cfg, attempt)
+    return embed_worker(task, cfg, ctx)
 
 
-def where_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
-    """No model: reports which Spark partition and process ran the shard, and the config it saw."""
+def where_worker(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
+    """No model: reports which Spark partition and process ran the shard, and the context it was given."""
     from pyspark import TaskContext
 
-    ctx = TaskContext.get()
+    spark_ctx = TaskContext.get()
     return {
         "shard": task.shard_id,
-        "partition": ctx.partitionId() if ctx else None,
+        "partition": spark_ctx.partitionId() if spark_ctx else None,
         "pid": os.getpid(),
-        "attempt": attempt,
-        "device": cfg.model.device,
+        "attempt": ctx.attempt,
+        "device": ctx.device,
+        "threads": ctx.threads,
     }
 
 
-def sleepy_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
+def sleepy_worker(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
     """Sleeps in a Python loop far longer than any test timeout."""
     for _ in range(600):
         time.sleep(0.1)
     return {"shard": task.shard_id}
 
 
-def marker_worker(task: ShardTask, cfg: Config, attempt: int = 0) -> dict[str, Any]:
-    """No model: sleeps int(shard_id) seconds, then commits just a stats file (enough for progress polling)."""
-    from pipeline.embeddings.layout import shard_files
-
-    time.sleep(int(task.shard_id))
-    stats = {"shard": task.shard_id, "attempt": attempt, "samples": 1}
-    path = shard_files(task.output, task.shard_id).stats
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(stats, f)
-    return stats
+def progress_worker(task: ShardTask, cfg: Config, ctx: WorkerContext) -> dict[str, Any]:
+    """No model: sleeps int(shard_id) seconds, reporting 10 samples a second; returns without writing anything."""
+    seconds = int(task.shard_id)
+    for i in range(10 * seconds):
+        time.sleep(0.1)
+        ctx.progress(i + 1)
+    return {"shard": task.shard_id, "attempt": ctx.attempt}
