@@ -32,8 +32,14 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    """A real JPEG whose frame header (SOF0) is rewritten to claim width x height pixels."""
+    at = jpeg.index(b"\xff\xc0")
+    return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
+
+
 class _Handler(BaseHTTPRequestHandler):
-    """Routes: /f/NAME (a registered file), /trickle, /trickle-headers, /stall, /huge?n=&declare=0|1, /cut,
+    """Routes: /f/NAME[?robots=DIRECTIVES] (a registered file), /trickle, /trickle-headers, /stall, /huge?n=&declare=0|1, /cut,
     /reset, /redirect?to=URL, /loop/N, /status/CODE."""
 
     protocol_version = "HTTP/1.1"
@@ -68,7 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.server.files.get(name)
         if body is None:
             return self._status("404")
-        self._send(200, body, "image/jpeg")
+        robots = {"X_Robots_Tag": query["robots"]} if "robots" in query else {}
+        self._send(200, body, "image/jpeg", **robots)
 
     def _status(self, code: str, query: dict[str, str] | None = None) -> None:
         self._send(int(code), b"status " + code.encode(), "text/plain")
