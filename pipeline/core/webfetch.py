@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import mmap
 import socket
 import ssl
 import string
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("http", "https")
 REDIRECTS = (301, 302, 303, 307, 308)
-CHUNK = 256 * 1024
+CHUNK = 64 * 1024  # under malloc's mmap threshold: the read buffers are reused, never mapped
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,56 @@ def _target(parts: urllib.parse.SplitResult) -> str:
     return urllib.parse.quote(target, safe=string.punctuation)
 
 
+class _Body:
+    """A body as it arrives: in a bytearray while small, then in an anonymous memory map that is unmapped the moment
+    the fetch ends. A big body refused at the cap so gives its pages back at once, where malloc would keep them in
+    its per-thread arenas (32 threads reading capped bodies would leave a download worker's RSS raised for good);
+    small ones, nearly every image, skip the map (an mmap/munmap per URL slows a process of many threads)."""
+
+    SMALL = 1 << 20
+
+    def __init__(self, expected: int | None, cap: int):
+        self.expected, self.cap, self.size = expected, cap, 0
+        self.small: bytearray | None = bytearray()
+        self.mm: mmap.mmap | None = None
+
+    def add(self, chunk: bytes) -> None:
+        end = self.size + len(chunk)
+        if self.small is not None and end <= self.SMALL:
+            self.small += chunk
+        else:
+            if self.mm is None or end > len(self.mm):
+                self._grow(end)
+            assert self.mm is not None
+            self.mm[self.size : end] = chunk
+        self.size = end
+
+    def _grow(self, end: int) -> None:
+        if self.mm is None:
+            want = self.expected if self.expected is not None else 4 * self.SMALL
+        else:
+            want = 4 * len(self.mm)
+        bigger = mmap.mmap(-1, max(end, min(want, self.cap) + CHUNK))
+        if self.small is not None:
+            bigger[: self.size] = self.small
+            self.small = None
+        elif self.mm is not None:
+            with memoryview(self.mm) as view:
+                bigger[: self.size] = view[: self.size]
+            self.mm.close()
+        self.mm = bigger
+
+    def take(self) -> bytes:
+        return bytes(self.small) if self.small is not None else self.mm[: self.size]  # type: ignore[index]
+
+    def __enter__(self) -> _Body:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mm is not None:
+            self.mm.close()
+
+
 class _Attempt:
     """One request (one hop of a redirect chain) to an address the policy allows."""
 
@@ -206,21 +257,21 @@ class _Attempt:
         length = int(declared) if declared is not None and declared.strip().isdigit() else None
         if length is not None and length > cap:
             raise TooLarge(f"response too large: Content-Length {length} > max {cap} bytes (not read)")
-        buf = bytearray()
-        while True:
-            assert self.sock is not None
-            self.sock.settimeout(_remaining(self.deadline))
-            chunk = resp.read1(CHUNK)  # returns what arrived, so the deadline is checked between reads
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > cap:
-                raise TooLarge(f"response too large: more than {cap} bytes (stopped reading there)")
-        if self.timed_out:  # the reaper cut the transfer: a body delimited by the connection's end looks whole
-            raise FetchTimeout("timed out")
-        if length is not None and len(buf) != length:
-            raise ConnectionFailed(f"IncompleteRead({len(buf)} bytes read, {length - len(buf)} more expected)")
-        return bytes(buf)
+        with _Body(length, cap) as body:
+            while True:
+                assert self.sock is not None
+                self.sock.settimeout(_remaining(self.deadline))
+                chunk = resp.read1(CHUNK)  # returns what arrived, so the deadline is checked between reads
+                if not chunk:
+                    break
+                body.add(chunk)
+                if body.size > cap:
+                    raise TooLarge(f"response too large: more than {cap} bytes (stopped reading there)")
+            if self.timed_out:  # the reaper cut the transfer: a body delimited by the connection's end looks whole
+                raise FetchTimeout("timed out")
+            if length is not None and body.size != length:
+                raise ConnectionFailed(f"IncompleteRead({body.size} bytes read, {length - body.size} more expected)")
+            return body.take()
 
     @property
     def timed_out(self) -> bool:
