@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import mmap
 import socket
 import ssl
 import string
@@ -20,13 +19,14 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from pipeline.core.bodies import SLACK, Body
 from pipeline.core.netguard import REAPER, IPNetwork, Watch, address_refusal, resolve
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("http", "https")
 REDIRECTS = (301, 302, 303, 307, 308)
-CHUNK = 64 * 1024  # under malloc's mmap threshold: the read buffers are reused, never mapped
+CHUNK = SLACK  # 64 KiB: under malloc's mmap threshold (read buffers reused, never mapped); Body needs <= SLACK
 
 
 @dataclass(frozen=True)
@@ -125,56 +125,6 @@ def _target(parts: urllib.parse.SplitResult) -> str:
     return urllib.parse.quote(target, safe=string.punctuation)
 
 
-class _Body:
-    """A body as it arrives: in a bytearray while small, then in an anonymous memory map that is unmapped the moment
-    the fetch ends. A big body refused at the cap so gives its pages back at once, where malloc would keep them in
-    its per-thread arenas (32 threads reading capped bodies would leave a download worker's RSS raised for good);
-    small ones, nearly every image, skip the map (an mmap/munmap per URL slows a process of many threads)."""
-
-    SMALL = 1 << 20
-
-    def __init__(self, expected: int | None, cap: int):
-        self.expected, self.cap, self.size = expected, cap, 0
-        self.small: bytearray | None = bytearray()
-        self.mm: mmap.mmap | None = None
-
-    def add(self, chunk: bytes) -> None:
-        end = self.size + len(chunk)
-        if self.small is not None and end <= self.SMALL:
-            self.small += chunk
-        else:
-            if self.mm is None or end > len(self.mm):
-                self._grow(end)
-            assert self.mm is not None
-            self.mm[self.size : end] = chunk
-        self.size = end
-
-    def _grow(self, end: int) -> None:
-        if self.mm is None:
-            want = self.expected if self.expected is not None else 4 * self.SMALL
-        else:
-            want = 4 * len(self.mm)
-        bigger = mmap.mmap(-1, max(end, min(want, self.cap) + CHUNK))
-        if self.small is not None:
-            bigger[: self.size] = self.small
-            self.small = None
-        elif self.mm is not None:
-            with memoryview(self.mm) as view:
-                bigger[: self.size] = view[: self.size]
-            self.mm.close()
-        self.mm = bigger
-
-    def take(self) -> bytes:
-        return bytes(self.small) if self.small is not None else self.mm[: self.size]  # type: ignore[index]
-
-    def __enter__(self) -> _Body:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.mm is not None:
-            self.mm.close()
-
-
 class _Attempt:
     """One request (one hop of a redirect chain) to an address the policy allows."""
 
@@ -257,7 +207,7 @@ class _Attempt:
         length = int(declared) if declared is not None and declared.strip().isdigit() else None
         if length is not None and length > cap:
             raise TooLarge(f"response too large: Content-Length {length} > max {cap} bytes (not read)")
-        with _Body(length, cap) as body:
+        with Body(length, cap, self.deadline) as body:
             while True:
                 assert self.sock is not None
                 self.sock.settimeout(_remaining(self.deadline))

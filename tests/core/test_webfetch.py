@@ -227,6 +227,32 @@ def test_undeclared_huge_body_stops_at_the_cap_with_bounded_memory(server: WebSe
     assert (_kib("VmRSS") - before) * 1024 < cap // 2  # unmapped at once, not kept by malloc
 
 
+def test_many_huge_bodies_at_once_hold_two_caps(server: WebServer) -> None:
+    """Ten threads meet a 1 GiB body at the same time: all ten are refused at the cap, and the process's peak grows
+    by two caps (the per-process budget for big bodies) plus each thread's first MiB, not by ten caps (measured
+    without the budget: 48-54 MiB here; with it: 23-26 MiB)."""
+    cap = 8 << 20
+    policy = FetchPolicy(timeout_s=20, max_bytes=cap, allow_networks=LOOPBACK)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            fetch(f"{server.base}/huge?declare=0", policy)
+        except webfetch.FetchError as e:
+            errors.append(e)
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _kib("VmRSS")
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG_GUARD_S)
+    grew = (_kib("VmHWM") - before) * 1024
+    assert len(errors) == 10 and all(isinstance(e, TooLarge) for e in errors), errors
+    assert grew < 4 * cap, grew
+
+
 def test_cut_and_reset_bodies_are_connection_failures(server: WebServer) -> None:
     with pytest.raises(ConnectionFailed, match="IncompleteRead") as e:
         fetch(f"{server.base}/cut", TIGHT)

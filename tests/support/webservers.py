@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.run.httpserver import LoopbackServer
 
 GiB = 1 << 30
+_BLOCK = memoryview(b"\0" * (1 << 20))
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -113,10 +114,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        block = b"\0" * (1 << 20)
         sent = 0
         while sent < n and not self.server.stopping.is_set():
-            part = block[: min(len(block), n - sent)]
+            part = _BLOCK[: min(len(_BLOCK), n - sent)]  # a view: the server itself holds one block in all
             self.wfile.write(part)
             sent += len(part)
             self.server.add_sent(len(part))
