@@ -98,7 +98,7 @@ class DownloadConfig(_Section):
         16 * 1024 * 1024,
         gt=0,
         description="Largest response body read, in bytes (16 MiB keeps photos of 40+ megapixels); a bigger one is "
-        "refused from its Content-Length or stops being read at this size (reason `too large`). Bodies over 1 MiB "
+        "refused from its Content-Length or stops being read at this size (reason `too large`). Bodies over 128 KiB "
         "being read share a budget of 2 x max_bytes per download process (a fetch waits for room within its timeout).",
     )
     max_pixels: int = Field(
