@@ -334,6 +334,7 @@ def compare_download(args: argparse.Namespace, work: Path) -> None:
         f"download.processes_count={args.processes}",
         f"download.thread_count={args.dl_threads}",
         f"download.number_sample_per_shard={args.per_shard}",
+        "download.allow_private_addresses=true",  # the site is on 127.0.0.1
     ]
     rate: dict[str, list[float]] = {CL: [], "i2d": []}
     inshard: dict[str, list[float]] = {CL: [], "i2d": []}

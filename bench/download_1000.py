@@ -82,6 +82,7 @@ def main() -> int:
                     f"download.processes_count={args.processes}",
                     f"download.thread_count={args.threads}",
                     f"download.number_sample_per_shard={args.per_shard}",
+                    "download.allow_private_addresses=true",  # the site is on 127.0.0.1
                     "log_level=WARNING",
                 ]
             )

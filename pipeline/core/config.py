@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.core.errors import ConfigError
 
@@ -59,7 +59,7 @@ class SparkConfig(_Section):
 
 
 class DownloadConfig(_Section):
-    """img2dataset options passed through for `clipline download`."""
+    """img2dataset options passed through for `clipline download`, and the rules of clipline's fetch step."""
 
     input_format: (
         Literal["csv", "tsv", "parquet", "json", "jsonl", "txt", "csv.gz", "tsv.gz", "txt.gz", "json.gz", "jsonl.gz"]
@@ -82,13 +82,59 @@ class DownloadConfig(_Section):
     thread_count: int = Field(32, ge=1, description="Download threads per process.")
     number_sample_per_shard: int = Field(10000, ge=1, description="Samples per output shard.")
     retries: int = Field(0, ge=0, description="Retries per URL.")
-    timeout: int = Field(10, ge=1, description="Per-URL timeout in seconds.")
+    timeout: int = Field(
+        10,
+        ge=1,
+        description="Seconds one fetch of a URL may take in total (DNS, connect, headers, body, redirects); each "
+        "retry gets it again.",
+    )
     min_image_size: int = Field(0, ge=0, description="Drop images smaller than this.")
     max_aspect_ratio: float | None = Field(
         None, gt=0, description="Drop images more elongated than this (None = no limit)."
     )
     incremental: bool = Field(True, description="Skip shards already completed (img2dataset incremental mode).")
     user_agent_token: str | None = Field(None, description="Token added to the User-Agent.")
+    max_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        description="Largest response body read, in bytes (16 MiB keeps photos of 40+ megapixels); a bigger one is "
+        "refused from its Content-Length or stops being read at this size (reason `too large`). Bodies over 128 KiB "
+        "being read share a budget of 2 x max_bytes per download process (a fetch waits for room within its timeout).",
+    )
+    max_pixels: int = Field(
+        89_478_485,
+        gt=0,
+        description="Images whose header claims more pixels are rejected before decoding (reason `too many pixels`).",
+    )
+    max_redirects: int = Field(10, ge=0, description="Redirects followed per URL (imgproxy's default).")
+    allow_private_addresses: bool = Field(
+        False,
+        description="Also fetch from loopback and private addresses (127.0.0.0/8, 10.0.0.0/8, 172.16.0.0/12, "
+        "192.168.0.0/16, fc00::/7, ...). Link-local addresses and cloud metadata endpoints are always refused.",
+    )
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="Addresses or CIDR ranges fetched even though private (for example an internal image server); "
+        "never opens link-local or metadata addresses.",
+    )
+    shard_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds a shard may spend fetching; then its remaining URLs fail as `shard timeout`. None = "
+        "timeout x (retries + 1) x ceil(number_sample_per_shard / thread_count) + 60, the longest the URLs can take.",
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{item!r} is not an address or CIDR range ({e})") from None
+        return v
 
 
 class EmbedConfig(_Section):

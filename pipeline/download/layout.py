@@ -93,6 +93,16 @@ def stats_names(fs: Any, folder: str) -> set[str]:
 
 
 _RULES = (
+    # clipline's fetch step (pipeline/core/webfetch.py, download/fetcher.py); before the older rules, whose
+    # needles ("timeout") can appear inside these messages
+    (("scheme refused",), "scheme refused"),
+    (("address refused",), "address refused"),
+    (("too many redirects",), "too many redirects"),
+    (("response too large",), "too large"),
+    (("too many pixels",), "too many pixels"),
+    (("shard deadline",), "shard timeout"),
+    (("bad url",), "bad url"),
+    # img2dataset's own messages (urllib's, OpenCV's, its resizer's)
     (("timed out", "timeout"), "timeout"),
     (("image decoding error", "cannot identify image", "imdecode"), "cannot decode image"),
     (("connection refused",), "connection refused"),

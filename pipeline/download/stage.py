@@ -145,6 +145,8 @@ def _run_img2dataset(cfg: Config, kwargs: dict[str, Any]) -> None:
     import img2dataset
     from img2dataset.logger import LoggerProcess
 
+    from pipeline.download.fetcher import safe_fetch_engine, settings_for
+
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if in_main else None
     try:
@@ -155,6 +157,7 @@ def _run_img2dataset(cfg: Config, kwargs: dict[str, Any]) -> None:
                 # img2dataset's pyspark distributor runs on the active session; stopped after only if made here.
                 stack.enter_context(spark_session(cfg))
             stack.enter_context(_stdout_to_stderr())
+            stack.enter_context(safe_fetch_engine(settings_for(cfg.download)))  # img2dataset's fetch step replaced
             img2dataset.download(**kwargs)
     except SystemExit as e:
         # img2dataset's SIGINT handler calls sys.exit(0): an interrupted job must not look successful.

@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import posixpath
-import urllib.request
 from typing import TYPE_CHECKING, Any, Sequence
 
 import fsspec
@@ -165,13 +164,13 @@ class Searcher:
 
 
 def _load_image(image: str | Image.Image) -> Image.Image:
+    from pipeline.core.webfetch import FetchPolicy, fetch
     from pipeline.embed.decode import decode_image, to_rgb
 
     if not isinstance(image, str):
         return to_rgb(image)
-    if image.startswith(("http://", "https://")):
-        with urllib.request.urlopen(image, timeout=30) as r:
-            data = r.read()
+    if image.startswith(("http://", "https://")):  # the download stage's rules: public addresses, capped, bounded
+        data = fetch(image, FetchPolicy(timeout_s=30.0)).body
     else:
         with fsspec.open(image, "rb") as f:
             data = f.read()

@@ -45,6 +45,7 @@ def demo_config(cfg: Config, out_dir: Path) -> Config:
     c.download.thread_count = 16
     c.download.number_sample_per_shard = 50
     c.download.timeout = 5
+    c.download.allow_private_addresses = True  # the demo serves its images from 127.0.0.1
     c.embed.batch_size = 32
     c.index.max_index_memory_usage = "100M"
     c.index.current_memory_available = "2G"

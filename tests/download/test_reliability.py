@@ -73,6 +73,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "download.thread_count=16",
             f"download.number_sample_per_shard={PER_SHARD}",
             "download.timeout=5",
+            "download.allow_private_addresses=true",  # the site is on 127.0.0.1
             "log_level=WARNING",
         ]
         yield {"tmp": tmp, "urls": urls, "argv": argv}

@@ -76,6 +76,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             f"download.number_sample_per_shard={PER_SHARD}",
             "download.timeout=5",
             "download.save_additional_columns=[extra]",
+            "download.allow_private_addresses=true",  # the site is on 127.0.0.1
         ]
         summary = download(load_config(overrides))
         yield {
@@ -333,6 +334,13 @@ def test_classify_error() -> None:
     assert classify_error("<urlopen error [Errno 111] Connection refused>") == "connection refused"
     assert classify_error("image too small") == "image too small"
     assert classify_error("something odd").startswith("other: something odd")
+    # clipline's fetch step: checked before the older rules, whose needles ("timeout") appear inside them
+    assert classify_error("shard deadline passed: download.shard_timeout (90s) ran out") == "shard timeout"
+    assert classify_error("too many pixels: header claims 9x9 = 81 > download.max_pixels 80") == "too many pixels"
+    assert classify_error("scheme refused: file (only http, https are fetched)") == "scheme refused"
+    assert classify_error("address refused: a.example resolves to 10.0.0.1 is a private ...") == "address refused"
+    assert classify_error("response too large: more than 16 bytes (stopped reading there)") == "too large"
+    assert classify_error("cannot identify image: UnidentifiedImageError: ...") == "cannot decode image"
     assert format_of("s3://b/x.CSV.gz") == "csv.gz" and format_of("x.jsonl") == "jsonl"
     assert format_of("x.json") == "json" and format_of("x.bin") is None
 

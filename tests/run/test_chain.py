@@ -65,6 +65,7 @@ def _args(tiny_model: dict[str, str], urls: Path, out: Path) -> list[str]:
         "download.thread_count=8",
         f"download.number_sample_per_shard={PER_SHARD}",
         "download.timeout=5",
+        "download.allow_private_addresses=true",  # the site is on 127.0.0.1
         "local.processes=1",
         "local.threads=1",
         "embed.batch_size=16",
