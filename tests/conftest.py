@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that call setup_logging (or main() in-process) under capsys: afterwards, drop the handler it bound to
+    the test's captured stderr (closed then) but keep pytest's own, and restore the root level and TQDM_DISABLE."""
+    import logging
+
+    root = logging.getLogger()
+    level, before = root.level, list(root.handlers)
+    monkeypatch.setitem(os.environ, "TQDM_DISABLE", "restored after the test")
+    del os.environ["TQDM_DISABLE"]
+    yield
+    for handler in root.handlers:
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
