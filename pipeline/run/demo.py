@@ -13,6 +13,8 @@ from pipeline.run.chain import layout, run, stage_config
 
 log = logging.getLogger(__name__)
 
+DEFAULT_OUTPUT = "clipline-demo"
+
 DEMO_QUERIES = ("a photo of a cat", "a cup of coffee", "a rocket on the launch pad")
 OFFLINE_NOTE = (
     "model: the offline ConSE stand-in (EfficientNet-Lite0 ImageNet classifier + all-MiniLM-L6-v2 sentence "
@@ -51,14 +53,19 @@ def demo_config(cfg: Config, out_dir: Path) -> Config:
     return c
 
 
-def demo_cli(cfg: Config, out_dir: str = "clipline-demo", n_images: int | None = None) -> dict[str, Any]:
+def default_output(cfg: Config) -> str:
+    """Where the demo writes when neither output= nor a folder is given: ./clipline-demo."""
+    return DEFAULT_OUTPUT
+
+
+def demo_cli(cfg: Config, n_images: int | None = None) -> dict[str, Any]:
     """Build the sample dataset, serve it on a free loopback port, run every stage, query it."""
     from pipeline.query.search import Searcher
     from pipeline.run.demo_data import build_demo_dataset, write_url_list
     from pipeline.run.httpserver import serve_directory
 
     t0 = time.perf_counter()
-    root = Path(out_dir).resolve()
+    root = Path(cfg.output or default_output(cfg)).resolve()
     c = demo_config(cfg, root)
     if c.model.family == "offline":
         print(OFFLINE_NOTE, flush=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli.main import COMMANDS, main
+from pipeline.cli.commands import COMMANDS
+from pipeline.cli.main import main
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
