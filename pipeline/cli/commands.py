@@ -243,13 +243,14 @@ Write one self-contained HTML page (plots and thumbnails embedded: it opens offl
 time split; the CLIP score distribution; the nearest-neighbour similarity histogram with the dedup threshold; the
 largest duplicate groups and example text queries as thumbnails read from the shards; index type, size, recall and
 latency; provenance (model, versions, config, summary.json). Stages that did not run are reported as missing.
-Writes OUTPUT_DIR/report/index.html (output=DIR writes DIR/index.html). Example queries: --query (repeatable),
-default three captions sampled from the data. Exits 1 if a section failed to render (the rest is still written).
+Writes OUTPUT/report.html; output= defaults to the input root (`clipline demo` writes the same file). Example
+queries: --query (repeatable), default three captions sampled from the data. Exits 1 if a section failed to
+render (the rest is still written).
 
 Example:
   clipline demo /tmp/clipline-demo
   clipline report /tmp/clipline-demo --query "a photo of a cat" --query "a cup of coffee"
-  xdg-open /tmp/clipline-demo/report/index.html""",
+  xdg-open /tmp/clipline-demo/report.html""",
         args=(
             arg("out_dir", nargs="?", default=None, help="output root of clipline run or demo (same as input=)"),
             arg(
@@ -318,15 +319,17 @@ Example:
     Command(
         name="demo",
         fn="pipeline.run.demo:demo_cli",
-        help="offline end-to-end demo on generated data",
+        help="offline end-to-end demo on generated data, ending with an HTML report",
         doc="""
 Build a small dataset offline (sample photos shipped with scikit-image plus variants and
 planted near-duplicates and broken URLs), serve it on 127.0.0.1, download it with
-img2dataset, then embed, index, dedup and query it. Needs no network.
-OUTPUT is the positional folder (same as output=; default ./clipline-demo).
+img2dataset, then embed, index, dedup and query it, and write the report of
+`clipline report` to OUTPUT/report.html; the last line printed is the path to open.
+Needs no network. OUTPUT is the positional folder (same as output=; default ./clipline-demo).
 
 Example:
-  clipline demo /tmp/clipline-demo""",
+  clipline demo /tmp/clipline-demo
+  xdg-open /tmp/clipline-demo/report.html""",
         args=(
             arg(
                 "out_dir",

@@ -81,3 +81,28 @@ def test_run_record_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch:
     assert (out / "run.json").read_bytes() == before
     assert read_record(str(out)) is not None and read_record(str(out))["summary"] == {"samples": 1}  # type: ignore[index]
     assert [p.name for p in out.iterdir()] == ["run.json"]  # no temporary file left
+
+
+def _clipline(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, in its own process: imports, logging set-up and spawned workers included."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=repo_root, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_console_of_embed_shows_only_clipline_log_lines(
+    repo_root: Path, tmp_path: Path, tiny_model: dict[str, str]
+) -> None:
+    """open_clip logs INFO lines through the root logger while the spawned workers load it: none reach stderr.
+    (download, index, dedup, query and the leaked-semaphore warning: the demo's console, tests/run/test_demo.py;
+    the filter itself and log_level=DEBUG: tests/core/test_logs.py.)"""
+    from tests.support.console import foreign_lines
+    from tests.support.helpers import make_shards, overrides
+
+    make_shards(tmp_path / "shards", n_shards=2, per_shard=6)
+    args = ["embed", f"input={tmp_path / 'shards'}", f"output={tmp_path / 'emb'}", *overrides(tiny_model)]
+    embed = _clipline(repo_root, *args)
+    assert embed.returncode == 0, embed.stderr[-3000:]
+    assert "[clipline-worker-0] pipeline.embed.runner: loaded open_clip model" in embed.stderr
+    assert foreign_lines(embed.stderr) == []
