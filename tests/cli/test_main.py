@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import pipeline
 from pipeline.cli.commands import COMMANDS
 from pipeline.cli.main import main
 
@@ -51,7 +53,8 @@ def test_console_script_and_job_entry_point(repo_root: Path) -> None:
     r = subprocess.run([sys.executable, str(repo_root / "jobs" / "embed.py"), "foo=1"], capture_output=True, text=True)
     assert r.returncode == 2 and "foo: unknown key" in r.stderr
     r = subprocess.run([str(Path(sys.executable).parent / "clipline"), "--version"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip()
+    installed = importlib.metadata.version("clipline")  # the distribution pip installed the console script with
+    assert r.returncode == 0 and r.stdout == f"{installed}\n" and installed == pipeline.__version__
 
 
 def test_overrides_after_options_are_accepted(capsys: pytest.CaptureFixture[str]) -> None:
