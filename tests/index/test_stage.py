@@ -211,6 +211,7 @@ def test_bad_inputs_fail_before_work(tmp_path: Path) -> None:
         build(make_cfg(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_distributed_build_with_pyspark(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="autofaiss")
