@@ -100,8 +100,9 @@ command that cannot do that exits 2 before any work.
 Unknown keys and wrong types exit 2 before anything is written.
 Exit codes: 0 success, 1 the job failed (some shard or stage failed), 2 usage/config error.
 Logs go to stderr (other libraries' lines only from WARNING up, all with log_level=DEBUG);
-the summary goes to stdout. Every run writes OUTPUT/run.json
-(download: OUTPUT/_clipline/run.json, out of img2dataset's way)."""
+the summary goes to stdout. Every command that writes an output records OUTPUT/run.json
+(download: OUTPUT/_clipline/run.json, out of img2dataset's way; report, which only reads
+another command's output, records nothing there)."""
 
 _COMMANDS = (
     Command(
