@@ -55,8 +55,8 @@ def _folder(key: str, dest: str) -> Callable[[Parsed, list[str]], list[str]]:
 
 def _query_overrides(args: Parsed, given: list[str]) -> list[str]:
     """-k and --format are shorthands for query.k and query.format, and win over them."""
-    extra = [f"query.k={args.k}"] if args.k is not None else []
-    return [*given, *extra, *([f"query.format={args.format}"] if args.format is not None else [])]
+    shorthands = {"query.k": args.k, "query.format": args.format}
+    return [*given, *(f"{key}={value}" for key, value in shorthands.items() if value is not None)]
 
 
 @dataclass(frozen=True)
