@@ -6,7 +6,8 @@ retried or re-scheduled task skips what is committed and does only the rest (see
 done; 1 the stage failed (retry helps: failed shards are redone); 2 refused before any work (bad config, a changed URL
 list, or another run holds the output's lock: retrying later helps only in the last case).
 
-Works with Airflow 2.4+ and 3; importing it without Airflow installed defines nothing (our tests only parse it).
+Works with Airflow 2.4+ and 3; importing it without Airflow installed defines nothing. tests/run/test_chain.py imports
+it with a stand-in Airflow and checks the tasks, their commands and their order.
 """
 
 from __future__ import annotations

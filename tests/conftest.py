@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.support.helpers import make_tiny_checkpoint  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -23,4 +30,69 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return REPO
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that call setup_logging (or main() in-process) under capsys: afterwards, drop the handler it bound to
+    the test's captured stderr (closed then) but keep pytest's own, and restore the root level and TQDM_DISABLE."""
+    import logging
+
+    root = logging.getLogger()
+    level, before = root.level, list(root.handlers)
+    monkeypatch.setitem(os.environ, "TQDM_DISABLE", "restored after the test")
+    del os.environ["TQDM_DISABLE"]
+    yield
+    for handler in root.handlers:
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One finished `clipline demo`: its output root and what the command printed (stdout: summaries and the report
+    path; stderr: the log)."""
+
+    root: Path
+    stdout: str
+    stderr: str
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    """`clipline demo` run once per session (about a minute) as a user runs it, in its own process, for every test
+    that reads a demo output (tests/run/test_demo.py, tests/report/test_page.py, tests/test_notebooks.py).
+
+    Shared, so read only: a test that must write into a demo output copies it first (shutil.copytree into its
+    tmp_path). The teardown fails the session when any file under the root was added, removed or rewritten."""
+    root = tmp_path_factory.mktemp("demo") / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", str(root)], cwd=REPO, capture_output=True, text=True
+    )
+    assert r.returncode == 0, f"clipline demo exited {r.returncode}:\n{r.stderr[-4000:]}"
+    before = _snapshot(root)
+    yield DemoRun(root, r.stdout, r.stderr)
+    assert _snapshot(root) == before, "a test changed the shared demo output: copy it to tmp_path first"
+
+
+@pytest.fixture(scope="session")
+def demo(demo_run: DemoRun) -> Path:
+    """The shared demo output root (read only, see demo_run)."""
+    return demo_run.root
+
+
+@pytest.fixture(scope="session")
+def demo_searcher(demo: Path) -> Any:
+    """A Searcher on the demo's image index with its model loaded, once: loading the offline model costs 10-40 s,
+    and several tests query the demo (pass `demo_searcher.model` where a test builds its own Searcher)."""
+    from pipeline.query.search import Searcher
+
+    searcher = Searcher(str(demo / "embeddings" / "index"))
+    assert searcher.model is not None
+    return searcher

@@ -1,4 +1,4 @@
-"""Generate docs/CONFIG.md from the pydantic config and docs/CLI.md from the CLI parser, so neither can drift.
+"""Generate docs/CONFIG.md from the pydantic config and docs/CLI.md from the command records, so neither can drift.
 
 `python -m pipeline.cli.docgen` rewrites both files; `python -m pipeline.cli.docgen --check` exits 1 when either is stale.
 The output is a pure function of the code and conf/ (no terminal width, dates or Python-version-specific argparse
@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from pipeline.cli.commands import COMMANDS, COMMON
 from pipeline.core.config import CONF_DIR, GROUPS, Config, load_config
 
 DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
@@ -279,30 +280,32 @@ def _usage(name: str, parser: argparse.ArgumentParser) -> str:
 
 
 def cli_reference() -> str:
-    """docs/CLI.md: each subcommand's purpose, worked example and arguments, from pipeline/cli/main.py."""
+    """docs/CLI.md: each command's purpose, worked example, arguments and distributors, from its record in
+    pipeline/cli/commands.py (arguments as the parser built from the records has them)."""
     from pipeline.cli import main as cli
 
     parser = cli._parser()
     subs = _subparsers(parser)
     lines = [
-        HEADER.format(source="pipeline/cli/main.py"),
+        HEADER.format(source="pipeline/cli/commands.py"),
         "",
         "# Command-line reference",
         "",
         parser.description or "",
         "",
-        "| Command | What it does |",
-        "|---|---|",
+        "| Command | What it does | `distributor=spark` |",
+        "|---|---|---|",
     ]
     lines += [
-        f"| [`clipline {name}`](#clipline-{name}) | {_cell(spec['help'])} |" for name, spec in cli.COMMANDS.items()
+        f"| [`clipline {c.name}`](#clipline-{c.name}) | {_cell(c.help)} | {_cell(c.on_spark())} |"
+        for c in COMMANDS.values()
     ]
     lines += [
         "",
         "## Common to every command",
         "",
         "```text",
-        textwrap.dedent(cli.COMMON).strip(),
+        textwrap.dedent(COMMON).strip(),
         "```",
         "",
         f"Exit codes: `{cli.EXIT_OK}` success, `{cli.EXIT_FAILED}` the job failed, `{cli.EXIT_USAGE}` usage or "
@@ -314,23 +317,23 @@ def cli_reference() -> str:
         "",
         "Every configuration key is listed in [CONFIG.md](CONFIG.md).",
     ]
-    for name, spec in cli.COMMANDS.items():
-        sp = subs[name]
+    for c in COMMANDS.values():
+        sp = subs[c.name]
         lines += [
             "",
-            f"## clipline {name}",
+            f"## clipline {c.name}",
             "",
-            f"{spec['help'][0].upper()}{spec['help'][1:]}.",
+            f"{c.help[0].upper()}{c.help[1:]}.",
             "",
             "```text",
-            _usage(name, sp),
+            _usage(c.name, sp),
             "",
-            textwrap.dedent(spec["doc"]).strip(),
+            c.description(),
             "```",
             "",
             *_arguments_table(sp),
             "",
-            f"Runs `{spec['fn']}`.",
+            f"Runs `{c.fn}`.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -195,7 +195,6 @@ class IndexConfig(_Section):
     recall_queries: int = Field(1000, ge=1, description="Queries used to measure recall and latency.")
     append: bool = Field(True, description="Add new shards to an existing index instead of rebuilding.")
     rebuild: bool = Field(False, description="Rebuild from scratch even if an index exists.")
-    distributed: bool = Field(False, description="Use autofaiss's pyspark mode (distributor=spark).")
     nb_cores: int | None = Field(None, description="faiss threads; None = all cores.")
     read_timeout_s: float = Field(
         300.0, gt=0, description="A read of one embed output file that stalls longer than this fails the stage."

@@ -70,8 +70,9 @@ def uncommit(output: str) -> None:
         fs.rm(summary)
 
 
-def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str) -> None:
-    """Histogram of each sample's nearest-neighbour similarity, threshold marked (Agg backend: no display needed)."""
+def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of each sample's nearest-neighbour similarity, threshold marked (Agg backend: no display needed);
+    returns the (counts, bin edges) drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,6 +93,7 @@ def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str
     plt.close(fig)
     fs, p = fsspec.core.url_to_fs(path)
     put_bytes(fs, p, buf.getvalue())
+    return counts, edges
 
 
 # webdataset's base_plus_ext rule (what the embed reader uses), restated: importing webdataset loads torch (~0.5 GB).

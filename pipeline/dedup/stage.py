@@ -105,6 +105,11 @@ def reference_matches(emb: Embeddings, ref: Embeddings, dc: DedupConfig, budget:
     )
 
 
+def default_output(cfg: Config) -> str | None:
+    """Where dedup() writes when output= is not given: INPUT/dedup (None without one input folder)."""
+    return posixpath.join(cfg.input.rstrip("/"), "dedup") if isinstance(cfg.input, str) else None
+
+
 def plan(cfg: Config) -> tuple[str, str, int]:
     """Check the configuration before any work: (input folder, output folder, memory budget in bytes)."""
     require(cfg, "input")
@@ -119,8 +124,7 @@ def plan(cfg: Config) -> tuple[str, str, int]:
         raise ConfigError(
             "dedup.shards: required when dedup.materialize=true (the WebDataset shards that were embedded)"
         )
-    folder = cfg.input.rstrip("/")
-    return folder, (cfg.output or posixpath.join(folder, "dedup")).rstrip("/"), budget
+    return cfg.input.rstrip("/"), str(cfg.output or default_output(cfg)).rstrip("/"), budget
 
 
 def _open_reference(dc: DedupConfig, emb: Embeddings, workdir: str, read_timeout_s: float) -> Embeddings:

@@ -89,23 +89,40 @@ def _check_no_foreign_json(fs: Any, root: str) -> None:
         )
 
 
+def _log_prints(read_fd: int) -> None:
+    """One log record per line img2dataset printed: its running totals (one line per finished shard) at INFO, the
+    rest (banners, per-worker lines) at DEBUG, like other libraries' chatter (pipeline/core/logs.py)."""
+    with os.fdopen(read_fd, "r", errors="replace") as lines:
+        for line in lines:
+            text = line.rstrip()
+            if text:
+                log.log(logging.INFO if text.startswith("total") else logging.DEBUG, "img2dataset: %s", text)
+
+
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """img2dataset and its spawned workers print progress on stdout, which is reserved for the summary."""
+def _prints_to_log() -> Iterator[None]:
+    """img2dataset and its spawned workers print progress on stdout, which is reserved for the summary: file
+    descriptor 1 (inherited by the workers) goes to a pipe whose lines become log records on stderr."""
     sys.stdout.flush()
     try:
         saved = os.dup(1)
     except OSError:  # no real stdout (embedded interpreter): nothing to protect
         yield
         return
+    read_fd, write_fd = os.pipe()
+    # A daemon: a worker img2dataset leaves behind keeps the pipe open, and must not hold the command's exit.
+    reader = threading.Thread(target=_log_prints, args=(read_fd,), name="img2dataset-prints", daemon=True)
+    reader.start()
+    pipe = os.fdopen(write_fd, "w", buffering=1, errors="replace")
     try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
+        os.dup2(write_fd, 1)  # for the workers, which inherit descriptor 1
+        with contextlib.redirect_stdout(pipe):  # for this process, whatever sys.stdout is (a test may capture it)
             yield
     finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
+        pipe.close()
+        os.dup2(saved, 1)  # the last of this process's ends of the pipe: the reader ends when the workers' do
         os.close(saved)
+        reader.join(timeout=5)
 
 
 def img2dataset_kwargs(cfg: Config, plan: InputPlan) -> dict[str, Any]:
@@ -156,7 +173,7 @@ def _run_img2dataset(cfg: Config, kwargs: dict[str, Any]) -> None:
 
                 # img2dataset's pyspark distributor runs on the active session; stopped after only if made here.
                 stack.enter_context(spark_session(cfg))
-            stack.enter_context(_stdout_to_stderr())
+            stack.enter_context(_prints_to_log())
             stack.enter_context(safe_fetch_engine(settings_for(cfg.download)))  # img2dataset's fetch step replaced
             img2dataset.download(**kwargs)
     except SystemExit as e:

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import faiss
 
 from pipeline.core.config import Config, IndexConfig
-from pipeline.core.errors import ConfigError, JobFailed
+from pipeline.core.errors import JobFailed
 
 
 class _FaissOPQKeywords(types.ModuleType):
@@ -105,11 +105,10 @@ def run_autofaiss(
 
 
 def pyspark_session(cfg: Config) -> Any:
-    """autofaiss's pyspark mode uses the active session: make it ours (cfg.spark), not its local[1] default."""
-    if not cfg.index.distributed:
-        return nullcontext()
+    """With distributor=spark autofaiss runs its pyspark mode on the active session: make it ours (cfg.spark), not
+    its local[1] default."""
     if cfg.distributor != "spark":
-        raise ConfigError("index.distributed=true needs distributor=spark")
+        return nullcontext()
     from pipeline.distribute.spark_session import spark_session
 
     return spark_session(cfg)

@@ -97,7 +97,7 @@ def _build_new(
             raise JobFailed(f"no {modality} vectors to index: every row of {len(shards)} shards failed or is empty")
         # autofaiss also makes temporary files of its own in the tempfile module's folder
         with work_folder("index") as local, tempfiles_in(local):
-            index, infos = run_autofaiss(stage, n, dim, cfg.index, modality, tmp_dir, cfg.index.distributed)
+            index, infos = run_autofaiss(stage, n, dim, cfg.index, modality, tmp_dir, cfg.distributor == "spark")
     finally:
         fs.rm(tmp_dir, recursive=True)
     if index.ntotal != n:
@@ -228,13 +228,18 @@ def _summary(info: dict[str, Any], action: str, added: int, seconds: float) -> d
     }
 
 
+def default_output(cfg: Config) -> str | None:
+    """Where build() writes when output= is not given: INPUT/index (None without one input folder)."""
+    return posixpath.join(cfg.input.rstrip("/"), "index") if isinstance(cfg.input, str) else None
+
+
 def build(cfg: Config) -> dict[str, Any]:
     """Build or extend OUTPUT/{image,text}.index from the embed output at cfg.input; returns the summary."""
     require(cfg, "input")
     if not isinstance(cfg.input, str):
         raise ConfigError("input: expected one embed output folder, got a list")
     emb = EmbeddingSet(cfg.input, cfg.index.read_timeout_s)
-    output = (cfg.output or posixpath.join(emb.folder, "index")).rstrip("/")
+    output = str(cfg.output or default_output(cfg)).rstrip("/")
     modalities = [m for m in cfg.index.modalities if m in emb.modalities]
     for m in set(cfg.index.modalities) - set(modalities):
         log.warning("index.modalities has %s but input=%s holds no %s embeddings; skipped", m, emb.folder, m)

@@ -22,6 +22,7 @@ from pipeline.report.runoutput import RunOutput
 log = logging.getLogger(__name__)
 
 QUERIES_SAMPLED, HITS_SHOWN = 3, 6
+REPORT_FILE = "report.html"  # in the output folder, which defaults to the output root reported on
 
 
 # ---- sections ----------------------------------------------------------------------------------------------
@@ -229,15 +230,16 @@ def render(out: RunOutput, queries: list[str] | None = None) -> tuple[str, dict[
 
 
 def report_cli(cfg: Config, queries: list[str] | None = None) -> str:
-    """`clipline report input=OUTPUT_ROOT [output=DIR] [--query TEXT]...`: write DIR/index.html (default
-    OUTPUT_ROOT/report); returns what to print. Raises JobFailed when a section failed (the page is still written)."""
+    """`clipline report input=OUTPUT_ROOT [output=DIR] [--query TEXT]...`: write DIR/report.html (default
+    OUTPUT_ROOT/report.html); returns what to print. Raises JobFailed when a section failed (the page is still
+    written)."""
     require(cfg, "input")
     if not isinstance(cfg.input, str):
         raise ConfigError("input: expected one output folder (of clipline run or clipline demo)")
     out = RunOutput(cfg.input)
     if not out.exists(out.root):
         raise ConfigError(f"input: {cfg.input} does not exist")
-    target = posixpath.join((cfg.output or posixpath.join(out.root, "report")).rstrip("/"), "index.html")
+    target = posixpath.join((cfg.output or out.root).rstrip("/"), REPORT_FILE)
     page, state = render(out, queries)
     fs, path = fsspec.core.url_to_fs(target)
     put_bytes(fs, path, page.encode())

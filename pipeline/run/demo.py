@@ -1,18 +1,20 @@
-"""`clipline demo`: an offline end-to-end run on generated data served from 127.0.0.1."""
+"""`clipline demo`: an offline end-to-end run on generated data served from 127.0.0.1, ending with its HTML report."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
+from pipeline.core.logs import timed
 from pipeline.run.chain import run, stage_config
 from pipeline.run.layout import layout
 
 log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT = "clipline-demo"
 
 DEMO_QUERIES = ("a photo of a cat", "a cup of coffee", "a rocket on the launch pad")
 OFFLINE_NOTE = (
@@ -53,15 +55,35 @@ def demo_config(cfg: Config, out_dir: Path) -> Config:
     return c
 
 
-def demo_cli(cfg: Config, out_dir: str = "clipline-demo", n_images: int | None = None) -> dict[str, Any]:
-    """Build the sample dataset, serve it on a free loopback port, run every stage, query it."""
+def default_output(cfg: Config) -> str:
+    """Where the demo writes when neither output= nor a folder is given: ./clipline-demo."""
+    return DEFAULT_OUTPUT
+
+
+def demo_cli(cfg: Config, n_images: int | None = None) -> dict[str, Any]:
+    """Build the sample dataset, serve it on a free loopback port, run every stage, query it, then write the report
+    (OUTPUT/report.html, the page `clipline report OUTPUT` writes); the summary's last line is the page to open."""
+    from pipeline.core.runinfo import RunRecord
+    from pipeline.report.page import REPORT_FILE, report_cli
+
+    root = Path(cfg.output or default_output(cfg)).resolve()
+    c = demo_config(cfg, root)
+    record = RunRecord("demo", c, str(root))
+    with timed("demo run and queries", log) as took:
+        headline = _run_and_query(c, root, n_images)
+    headline["seconds"] = round(took["seconds"], 1)
+    # The report's provenance section reads OUTPUT/run.json, which the CLI writes only when the command ends: record
+    # the finished run first, so the page is complete (the CLI's record replaces it at exit).
+    record.finish(0, headline)
+    print(report_cli(stage_config(c, str(root), str(root))), flush=True)
+    return {**headline, "report": str(root / REPORT_FILE)}  # last: the line to open
+
+
+def _run_and_query(c: Config, root: Path, n_images: int | None) -> dict[str, Any]:
     from pipeline.query.search import Searcher
     from pipeline.run.demo_data import build_demo_dataset, write_url_list
     from pipeline.run.httpserver import serve_directory
 
-    t0 = time.perf_counter()
-    root = Path(out_dir).resolve()
-    c = demo_config(cfg, root)
     if c.model.family == "offline":
         print(OFFLINE_NOTE, flush=True)
     data = build_demo_dataset(root / "source", n_images=n_images)
@@ -74,19 +96,15 @@ def demo_cli(cfg: Config, out_dir: str = "clipline-demo", n_images: int | None =
     summary.update(run(c, stages=("embed", "index", "dedup")))
 
     searcher = Searcher(paths.index, modality="image")
-    queries: dict[str, list[str]] = {}
     for q in DEMO_QUERIES:
-        df = searcher.search_text([q], k=5)
-        queries[q] = [f"{r.score:.3f} {r.caption}" for r in df.itertuples()]
         print(f"== query: {q!r} ==", flush=True)
-        for line in queries[q]:
-            print("  " + line, flush=True)
+        for r in searcher.search_text([q], k=5).itertuples():
+            print(f"  {r.score:.3f} {r.caption}", flush=True)
     # Each stage printed its own summary above; the demo's own is the headline.
     cat_top = searcher.search_text([DEMO_QUERIES[0]], k=5)
     cats = set(data.truth.get("cat_photos", []))
     return {
         "output": str(root),
-        "seconds": round(time.perf_counter() - t0, 1),
         "model": c.model.family if c.model.family != "open_clip" else c.model.arch,
         "urls": summary["download"]["urls_in"],
         "embedded": summary["embed"]["samples_ok"],

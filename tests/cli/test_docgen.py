@@ -16,7 +16,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from pipeline.cli import docgen
-from pipeline.cli.main import COMMANDS, _parser
+from pipeline.cli.commands import COMMANDS
+from pipeline.cli.main import _parser
 from pipeline.core.config import Config
 from pipeline.embeddings.layout import METADATA_SCHEMA, manifest_identity, shard_files
 
@@ -71,9 +72,10 @@ def test_every_subcommand_and_argument_is_documented() -> None:
     text = (DOCS / "CLI.md").read_text(encoding="utf-8")
     subs = docgen._subparsers(_parser())
     assert set(subs) == set(COMMANDS)
-    for name, spec in COMMANDS.items():
+    for name, command in COMMANDS.items():
         assert f"## clipline {name}\n" in text, name
-        example = spec["doc"].split("Example:", 1)[1]
+        assert f"distributor=spark: {command.on_spark()}" in " ".join(text.split()), name
+        example = command.doc.split("Example:", 1)[1]
         for line in filter(None, (x.rstrip() for x in example.splitlines())):
             assert line in text, f"{name}: example line {line!r} missing"
         for action in docgen._documented(subs[name]):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.cli.main import COMMANDS, main
+import pipeline
+from pipeline.cli.commands import COMMANDS
+from pipeline.cli.main import main
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -50,7 +53,8 @@ def test_console_script_and_job_entry_point(repo_root: Path) -> None:
     r = subprocess.run([sys.executable, str(repo_root / "jobs" / "embed.py"), "foo=1"], capture_output=True, text=True)
     assert r.returncode == 2 and "foo: unknown key" in r.stderr
     r = subprocess.run([str(Path(sys.executable).parent / "clipline"), "--version"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip()
+    installed = importlib.metadata.version("clipline")  # the distribution pip installed the console script with
+    assert r.returncode == 0 and r.stdout == f"{installed}\n" and installed == pipeline.__version__
 
 
 def test_overrides_after_options_are_accepted(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,3 +84,28 @@ def test_run_record_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch:
     assert (out / "run.json").read_bytes() == before
     assert read_record(str(out)) is not None and read_record(str(out))["summary"] == {"samples": 1}  # type: ignore[index]
     assert [p.name for p in out.iterdir()] == ["run.json"]  # no temporary file left
+
+
+def _clipline(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, in its own process: imports, logging set-up and spawned workers included."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=repo_root, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_console_of_embed_shows_only_clipline_log_lines(
+    repo_root: Path, tmp_path: Path, tiny_model: dict[str, str]
+) -> None:
+    """open_clip logs INFO lines through the root logger while the spawned workers load it: none reach stderr.
+    (download, index, dedup, query and the leaked-semaphore warning: the demo's console, tests/run/test_demo.py;
+    the filter itself and log_level=DEBUG: tests/core/test_logs.py.)"""
+    from tests.support.console import foreign_lines
+    from tests.support.helpers import make_shards, overrides
+
+    make_shards(tmp_path / "shards", n_shards=2, per_shard=6)
+    args = ["embed", f"input={tmp_path / 'shards'}", f"output={tmp_path / 'emb'}", *overrides(tiny_model)]
+    embed = _clipline(repo_root, *args)
+    assert embed.returncode == 0, embed.stderr[-3000:]
+    assert "[clipline-worker-0] pipeline.embed.runner: loaded open_clip model" in embed.stderr
+    assert foreign_lines(embed.stderr) == []

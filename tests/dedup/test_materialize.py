@@ -93,10 +93,28 @@ def test_tar_shards_maps_ids_and_ignores_other_files(tmp_path: Path) -> None:
         tar_shards(str(tmp_path / "empty"))
 
 
-def test_histogram_is_a_png(tmp_path: Path) -> None:
-    sims = np.concatenate([np.random.default_rng(0).uniform(0.2, 0.9, 500), [0.97, 0.99, -np.inf]]).astype(np.float32)
-    write_histogram(sims, 0.95, str(tmp_path / "h.png"), "exact")
+def test_histogram_counts_every_finite_similarity_and_marks_the_threshold(tmp_path: Path) -> None:
     from PIL import Image
+
+    body = np.random.default_rng(0).uniform(0.2, 0.9, 500)
+    sims = np.concatenate([body, [0.97, 0.99, -np.inf]]).astype(np.float32)  # -inf: a sample with no neighbour
+    counts, edges = write_histogram(sims, 0.95, str(tmp_path / "h.png"), "exact")
+    assert len(counts) == 100 and len(edges) == 101 and edges[-1] == 1.0
+    assert edges[0] == 0.0  # the axis spans [0, 1] for non-negative similarities
+    assert counts.sum() == 502  # every finite value drawn once, the sample without a neighbour left out
+    above = edges[:-1] >= 0.95
+    assert counts[above].sum() == 2 and counts[(edges[:-1] >= 0.9) & ~above].sum() == 0
+    np.testing.assert_array_equal(counts, np.histogram(sims[np.isfinite(sims)], edges)[0])
+    # A negative similarity widens the axis down to it; a threshold below zero is kept in view too.
+    low = np.array([-0.3, 0.5, 0.99], np.float32)
+    counts2, edges2 = write_histogram(low, 0.95, str(tmp_path / "h2.png"), "exact")
+    assert edges2[0] == pytest.approx(-0.3) and counts2.sum() == 3 and counts2[0] == 1 and counts2[-1] == 1
+    assert write_histogram(low, -0.5, str(tmp_path / "h3.png"), "exact")[1][0] == pytest.approx(-0.55)
 
     img = Image.open(io.BytesIO((tmp_path / "h.png").read_bytes()))
     assert img.format == "PNG" and img.size[0] > 300
+    rgb = np.asarray(img.convert("RGB")).astype(int)
+    red = (rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
+    assert red.any(axis=0).sum() >= 1 and red.sum() > 50  # the dashed threshold line (and its legend entry)
+    filled = (np.abs(rgb - rgb[0, 0]).sum(axis=2) > 60).mean()
+    assert filled > 0.05  # the bars were drawn, not only the axes

@@ -4,6 +4,7 @@ reads, a hostile corpus under a memory bound, bad configuration. Bugs found are 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import io
 import json
@@ -120,7 +121,8 @@ def faulty_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, s
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FAULT_DIR, str(fault_dir))
-        mp.setitem(cli.COMMANDS["embed"], "fn", "tests.support.faults_storage:embed_crash_and_hang")
+        faulty = dataclasses.replace(cli.COMMANDS["embed"], fn="tests.support.faults_storage:embed_crash_and_hang")
+        mp.setitem(cli.COMMANDS, "embed", faulty)
         t0 = time.monotonic()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = cli.main(argv)

@@ -209,19 +209,16 @@ def test_autofaiss_giving_up_is_a_job_failure(tmp_path: Path, monkeypatch: pytes
 def test_bad_inputs_fail_before_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="manifest"):
         build(make_cfg(tmp_path))
-    root = tmp_path / "emb"
-    _write(root, ["00000"])
-    with pytest.raises(ConfigError, match="distributor=spark"):
-        build(make_cfg(root, distributed=True))
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_distributed_build_with_pyspark(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="autofaiss")
     root = tmp_path / "emb"
     _write(root, ["00000", "00001"])
-    cfg = make_cfg(root, index_key="IVF16,Flat", modalities=["image"], distributed=True)
-    cfg.distributor = "spark"
+    cfg = make_cfg(root, index_key="IVF16,Flat", modalities=["image"])
+    cfg.distributor = "spark"  # alone: the one switch that puts autofaiss in its pyspark mode
     cfg.spark.master = "local[2]"
     summary = build(cfg)
     assert summary["image"]["vectors"] == 2 * 398 and summary["image"]["recall@10"] >= 0.9

@@ -173,26 +173,22 @@ def test_cli_exit_codes_through_run_command(
     tmp_path: Path, table_model: TableModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """As `clipline classify` will call it: bad input and an unavailable model are usage errors (exit 2)."""
-    import logging
-
+    from pipeline.cli.commands import COMMANDS
     from pipeline.cli.main import run_command
 
     root = write_fake_embed_output(tmp_path / "emb", {"00000": random_unit(3, DIM)})
-    log = logging.getLogger("test")
     cfg = load_config([f"input={root}"])
-    fn = "pipeline.query.zeroshot:classify_cli"
-    assert run_command("classify", fn, cfg, log, {"classes": []}) == 2
+    classify = COMMANDS["classify"]
+    assert run_command(classify, cfg, {"classes": []}) == 2
     assert "no class names" in capsys.readouterr().err
     # The fake manifest's model_config names no weights, so its fingerprint cannot match the recorded one.
-    assert run_command("classify", fn, cfg, log, {"classes": ["cat", "dog"]}) == 2
+    assert run_command(classify, cfg, {"classes": ["cat", "dog"]}) == 2
     assert "now has other weights" in capsys.readouterr().err
     (tmp_path / "classes.txt").write_text("# animals\ncat\n\ndog\n")
     assert (
         run_command(
-            "classify",
-            fn,
+            classify,
             load_config([f"input={tmp_path / 'nothing'}"]),
-            log,
             {"classes_file": str(tmp_path / "classes.txt")},
         )
         == 2

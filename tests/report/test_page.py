@@ -10,37 +10,31 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.cli.main import main
 from pipeline.core.config import load_config
 from pipeline.core.errors import JobFailed
 from pipeline.report import runoutput
-from pipeline.report.page import report_cli, section_queries, sections
+from pipeline.report.page import REPORT_FILE, report_cli, section_queries, sections
 from pipeline.report.runoutput import RunOutput
 from pipeline.report.sections import section_similarity
+from tests.conftest import DemoRun
 from tests.support.helpers import random_unit, write_fake_embed_output
 
 SECTIONS = [anchor for anchor, _, _ in sections(None)]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("report_demo") / "run"
-    assert main(["demo", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def page(demo: Path) -> dict[str, str]:
-    printed = report_cli(load_config([f"input={demo}"]))
-    html = (demo / "report" / "index.html").read_text()
+def page(demo_run: DemoRun) -> dict[str, str]:
+    """The report `clipline demo` wrote (the page of `clipline report` on the demo output) and what it printed."""
+    html = (demo_run.root / REPORT_FILE).read_text()
     found = dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', html, flags=re.S))
-    return {"printed": printed, "html": html, **found}
+    return {"printed": demo_run.stdout, "html": html, **found}
 
 
 def _cells(fragment: str) -> dict[str, str]:
@@ -58,7 +52,7 @@ def _meta(demo: Path) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_every_section_is_present_with_data(page: dict[str, str]) -> None:
-    assert page["printed"].splitlines()[0].endswith("report/index.html")
+    assert any(line.startswith("report: ") and line.endswith("/report.html") for line in page["printed"].splitlines())
     for anchor in SECTIONS:
         assert anchor in page, anchor
         assert 'class="missing"' not in page[anchor] and 'class="error"' not in page[anchor], anchor
@@ -132,7 +126,11 @@ def test_duplicate_groups_show_their_images(page: dict[str, str], demo: Path) ->
 
 
 @pytest.mark.slow
-def test_queries_given_by_the_user(demo: Path) -> None:
+def test_queries_given_by_the_user(demo: Path, demo_searcher: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.models
+
+    # the section builds its own Searcher: give it the session's loaded model (its fingerprint is still checked)
+    monkeypatch.setattr(pipeline.models, "load_model", lambda cfg: demo_searcher.model)
     html = section_queries(RunOutput(str(demo)), ["a photo of a cat"])
     assert "a photo of a cat" in html and "green marks" not in html  # not sampled captions
     captions = re.findall(r"<div>#\d+  [\d.]+</div><div>(.*?)</div>", html)
@@ -169,7 +167,7 @@ def test_missing_stages_are_said(tmp_path: Path) -> None:
     root = tmp_path / "partial"
     write_fake_embed_output(root / "embeddings", {"00000": random_unit(20, 16, seed=1)})
     text = report_cli(load_config([f"input={root}"]))
-    html = (root / "report" / "index.html").read_text()
+    html = (root / REPORT_FILE).read_text()
     assert "counts: partial" in text and "groups: missing" in text and "queries: missing" in text
     assert "No download output" in html and "No dedup output" in html and "No image index" in html
     assert "No run.json" in html and 'class="error"' not in html
@@ -188,7 +186,7 @@ def test_a_broken_part_fails_the_job_but_the_page_is_written(tmp_path: Path) -> 
     with pytest.raises(JobFailed, match="index") as e:
         report_cli(load_config([f"input={root}"]))
     assert "index" in e.value.summary["failed_sections"]
-    html = (root / "report" / "index.html").read_text()
+    html = (root / REPORT_FILE).read_text()
     assert 'class="error"' in html and "counts" in html
 
 
@@ -216,7 +214,7 @@ def test_screenshot_in_headless_chromium(page: dict[str, str], demo: Path, tmp_p
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--screenshot={shot}",
             "--window-size=1200,3000",
-            (demo / "report" / "index.html").as_uri(),
+            (demo / REPORT_FILE).as_uri(),
         ],
         check=True,
         timeout=120,

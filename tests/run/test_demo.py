@@ -1,25 +1,22 @@
-"""The README's main command: `clipline demo` end to end, offline, with results checked against the planted truth."""
+"""The README's main command: `clipline demo` end to end, offline, with results checked against the planted truth,
+its report written, and a console that shows only clipline's own lines. The demo runs once per session (the
+`demo_run` fixture in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pipeline.cli.main import main
 from pipeline.query.search import Searcher
+from tests.conftest import DemoRun
+from tests.support.console import foreign_lines
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", str(out)]) == 0
-    return out
 
 
 def test_every_stage_wrote_its_outputs(demo: Path) -> None:
@@ -41,9 +38,9 @@ def test_every_url_accounted_for(demo: Path) -> None:
     assert failed == set(truth["broken"])
 
 
-def test_cat_query_returns_cat_photos_first(demo: Path) -> None:
+def test_cat_query_returns_cat_photos_first(demo: Path, demo_searcher: Searcher) -> None:
     truth = json.loads((demo / "source" / "truth.json").read_text())
-    top = Searcher(str(demo / "embeddings" / "index")).search_text(["a photo of a cat"], k=3)
+    top = demo_searcher.search_text(["a photo of a cat"], k=3)
     assert all(posixpath.basename(u) in truth["cat_photos"] for u in top["url"])
 
 
@@ -60,3 +57,21 @@ def test_planted_near_duplicates_come_out_as_groups(demo: Path) -> None:
     keep = pd.read_parquet(demo / "embeddings" / "dedup" / "keep.parquet")
     kept_groups = dup[dup["kept"]]["group_id"]
     assert kept_groups.is_unique and set(dup[dup["kept"]]["key"]) <= set(keep["key"])
+
+
+def test_writes_the_report_and_ends_with_the_path_to_open(demo_run: DemoRun) -> None:
+    page = demo_run.root / "report.html"
+    assert demo_run.stdout.rstrip("\n").splitlines()[-1] == f"  report: {page}"
+    html = page.read_text()
+    sections = re.findall(r'<section id="([^"]+)">', html)
+    assert {"counts", "similarity", "groups", "queries", "index", "provenance"} <= set(sections)
+    assert 'class="error"' not in html and 'class="missing"' not in html  # every stage ran: nothing missing
+    # the report's own lines came before the summary: the page and each section's state
+    assert f"report: {page}" in demo_run.stdout and all(f"  {s}: ok" in demo_run.stdout for s in sections)
+
+
+def test_console_shows_only_clipline_log_lines(demo_run: DemoRun) -> None:
+    """No faiss.loader lines, no autofaiss INFO, no progress bars or prints of img2dataset or transformers, no
+    leaked-semaphore warning at exit: only clipline's records on stderr."""
+    assert "pipeline.run.demo: serving the demo images" in demo_run.stderr  # clipline's own INFO lines stay
+    assert foreign_lines(demo_run.stderr) == []
