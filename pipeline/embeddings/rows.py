@@ -212,7 +212,10 @@ class ParquetRows:
     def _group(self, g: int) -> np.ndarray:
         if self._last is not None and self._last[0] == g:
             return self._last[1]
-        table = self._bounded(self.path, lambda: self._file.read_row_group(g, columns=[self.column]))
+        try:
+            table = self._bounded(self.path, lambda: self._file.read_row_group(g, columns=[self.column]))
+        except pa.ArrowInvalid as e:  # e.g. null entries in a fixed_size_list, which pyarrow cannot read back
+            raise BadEmbeddings(f"{self.path}: column {self.column!r} of row group {g} is unreadable: {e}") from e
         arr = table.column(0).combine_chunks()
         x = list_to_matrix(arr, self.shape[1], f"{self.path} ({self.column})", int(self.group_starts[g]))
         self._last = (g, x)
