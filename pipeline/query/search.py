@@ -175,11 +175,17 @@ class Searcher:
     def search_key(self, keys: list[str], k: int = 10) -> pd.DataFrame:
         """Neighbours of indexed samples, queried with their stored embedding (read back from the embed npy)."""
         found = self.ids.filter(pc.is_in(self.ids["key"], value_set=pa.array(keys, pa.string())))
-        where = {r["key"]: (r["shard"], r["row"]) for r in found.select(["key", "shard", "row"]).to_pylist()}
+        where: dict[str, list[tuple[str, int]]] = {}
+        for r in found.select(["key", "shard", "row"]).to_pylist():
+            where.setdefault(r["key"], []).append((r["shard"], r["row"]))
         missing = [key for key in keys if key not in where]
         if missing:
             raise KeyError(f"not in the {self.modality} index: {', '.join(missing[:10])}")
-        return self.search_vectors(np.stack([self._stored_vector(*where[key]) for key in keys]), k, keys)
+        # Row numbers, the keys of embeddings without a key column, repeat in every file: refuse to guess.
+        repeated = [f"{key} (shards {', '.join(s for s, _ in where[key][:3])})" for key in keys if len(where[key]) > 1]
+        if repeated:
+            raise KeyError(f"keys in several shards of the {self.modality} index: {'; '.join(repeated[:5])}")
+        return self.search_vectors(np.stack([self._stored_vector(*where[key][0]) for key in keys]), k, keys)
 
     def _stored_vector(self, shard: str, row: int) -> np.ndarray:
         # Only this shard is opened: a foreign folder is not listed and checked again for one vector.
