@@ -238,3 +238,26 @@ def test_report_on_a_foreign_folder(folders: dict[str, Any], tmp_path: Path) -> 
     f = folders["parquet-list-f16"]
     text = report_cli(f.cfg(f"output={tmp_path / 'rep'}"))
     assert (tmp_path / "rep" / "index.html").exists() and "error" not in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_spark_index_build_of_a_clip_retrieval_folder(
+    folders: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """autofaiss's pyspark mode reads the vectors the stage staged from the foreign folder, chunk by chunk."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="autofaiss")
+    f, ref_folder = folders["clip-retrieval"], folders["clipline"]
+    common = ["index.modalities=[image]", "index.index_key=IVF4,Flat", "index.recall_queries=50", "index.nb_cores=1"]
+    spark = ["distributor=spark", "spark.master=local[2]", "index.distributed=true", "embeddings.chunk_rows=25"]
+    mine = build(f.cfg(f"output={tmp_path / 'mine'}", *common, *spark, "embeddings.record_model=false"))
+    ref = build(ref_folder.cfg(f"output={tmp_path / 'ref'}", *common))
+    assert mine["image"]["vectors"] == ref["image"]["vectors"] == 180
+    assert mine["image"]["recall@10"] >= 0.9
+    assert any("Merging indices" in r.getMessage() for r in caplog.records)  # built in Spark tasks
+    want = translated(pd.read_parquet(tmp_path / "ref" / "image_ids.parquet"), f.ident, {"key": "shard"})
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "mine" / "image_ids.parquet"), want, check_dtype=False)
+    top = Searcher(str(tmp_path / "mine")).search_vectors(folders["data"].img["00002"][:10], k=1)
+    assert top["key"].tolist() == folders["data"].keys["00002"][:10]
