@@ -1,6 +1,6 @@
 """Embeddings other tools wrote, read in place: clip-retrieval's layout (npy + metadata parquet paired by file name,
-rows aligned by position, as embedding-reader's parquet_npy reads it), plain npy arrays, and Parquet files with an
-embedding column. No commit markers: a shard counts when its files pair up, and every shard's row counts and widths
+rows aligned by position, as embedding-reader's parquet_npy reads it) and plain npy arrays; Parquet files with an
+embedding column build on the same base (`parquetfiles.py`). No commit markers: a shard counts when its files pair up, and every shard's row counts and widths
 are checked from headers and footers when the folder is opened, before a stage writes anything."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import is_temporary
 from pipeline.embeddings.formats import STANDARD_COLUMNS, Source, natural_order, what_is_there
-from pipeline.embeddings.rows import BadEmbeddings, ParquetRows, RowArray, check_vectors_header, column_dim
+from pipeline.embeddings.rows import BadEmbeddings, RowArray, check_vectors_header
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +34,20 @@ HEADER_THREADS = 16  # headers and footers are small reads: on an object store t
 SHOWN = 5  # problems named in one error message
 
 
-def _parallel(fn: Callable[[str], Any], items: Sequence[str]) -> list[Any]:
+def parallel(fn: Callable[[str], Any], items: Sequence[str]) -> list[Any]:
     if len(items) <= 1:
         return [fn(i) for i in items]
     with ThreadPoolExecutor(min(HEADER_THREADS, len(items))) as pool:
         return list(pool.map(fn, items))
 
 
-def _refuse(problems: list[str], what: str) -> None:
+def refuse(problems: list[str], what: str) -> None:
     if problems:
         more = f" (and {len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
         raise BadEmbeddings(f"{what}: " + "; ".join(problems[:SHOWN]) + more)
 
 
-class _Foreign(Source):
+class ForeignSource(Source):
     """What the foreign formats share: metadata frames under clipline's column names, and row counts from headers."""
 
     def __init__(self, *args: Any):
@@ -142,7 +142,7 @@ def _keys(col: pd.Series, where: str) -> pd.Series:
     return pd.Series(keys, index=col.index, dtype=object)
 
 
-class ClipRetrievalSource(_Foreign):
+class ClipRetrievalSource(ForeignSource):
     """clip-retrieval's layout: img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet."""
 
     name = "clip-retrieval"
@@ -223,9 +223,9 @@ class ClipRetrievalSource(_Foreign):
                     problems.append(f"{self.meta_path(shard)} has {md.num_rows} rows but {path} has {h.rows} vectors")
             return problems, dims
 
-        results = _parallel(one, shards)
-        _refuse([p for r in results for p in r[0]], f"input={self.folder}: shards whose files do not align")
-        _check_widths({p: d for r in results for p, d in r[1].items()}, self.folder)
+        results = parallel(one, shards)
+        refuse([p for r in results for p in r[0]], f"input={self.folder}: shards whose files do not align")
+        check_widths({p: d for r in results for p, d in r[1].items()}, self.folder)
 
     def dim(self, shards: Sequence[str]) -> int:
         return self.header(self.vector_path(shards[0], self.modalities[0])).dim
@@ -234,7 +234,7 @@ class ClipRetrievalSource(_Foreign):
         return {"input_format": self.name, "key_column": self.options.key_column, "columns": self.options.columns}
 
 
-def _check_widths(dims: dict[str, int], folder: str) -> None:
+def check_widths(dims: dict[str, int], folder: str) -> None:
     widths = sorted(set(dims.values()))
     if len(widths) > 1:
         first = {w: next(p for p, d in dims.items() if d == w) for w in widths}
@@ -243,7 +243,7 @@ def _check_widths(dims: dict[str, int], folder: str) -> None:
         )
 
 
-class _Files(_Foreign):
+class FileSource(ForeignSource):
     """A folder of files of one suffix (searched recursively), or one such file; a shard is a file."""
 
     suffix: str
@@ -288,7 +288,7 @@ class _Files(_Foreign):
     def _check(self, shards: list[str]) -> None: ...
 
 
-class NpySource(_Files):
+class NpySource(FileSource):
     """.npy arrays only: rows are identified by (file, row); no metadata."""
 
     name = "npy"
@@ -313,82 +313,10 @@ class NpySource(_Files):
             self._rows[shard] = h.rows
             return path, h.dim
 
-        _check_widths(dict(_parallel(one, shards)), self.folder)
+        check_widths(dict(parallel(one, shards)), self.folder)
 
     def dim(self, shards: Sequence[str]) -> int:
         return self.header(self.file(shards[0])).dim
 
     def describe(self) -> dict[str, Any]:
         return {"input_format": self.name, "modality": self.options.modality}
-
-
-class ParquetSource(_Files):
-    """Parquet files with an embedding column (list or fixed_size_list of floats) beside their metadata columns."""
-
-    name = "parquet"
-    suffix = ".parquet"
-    _dim: int | None = None
-
-    def meta_path(self, shard: str) -> str:
-        return self.file(shard)
-
-    def vectors(self, shard: str, modality: str) -> RowArray:
-        return ParquetRows(self.fs, self.file(shard), self.options.embedding_column, self.dim([shard]), self.bounded)
-
-    def _check(self, shards: list[str]) -> None:
-        col = self.options.embedding_column
-
-        def one(shard: str) -> tuple[list[str], tuple[str, int | None]]:
-            path = self.file(shard)
-            md = self._footer(path)
-            schema = md.schema.to_arrow_schema()
-            self._rows[shard], self._schema[shard] = md.num_rows, list(schema.names)
-            problems = self._check_columns(path, self._schema[shard])
-            if col not in schema.names:
-                problems.append(f"{path} has no embedding column {col!r} (set embeddings.embedding_column)")
-                return problems, (path, None)
-            return problems, (path, column_dim(schema.field(col), path))
-
-        results = _parallel(one, shards)
-        _refuse([p for r in results for p in r[0]], f"input={self.folder}")
-        fixed = {p: d for _, (p, d) in results if d is not None}
-        _check_widths(fixed, self.folder)
-        self._dim = next(iter(fixed.values()), None)
-
-    def dim(self, shards: Sequence[str]) -> int:
-        if self._dim is None:
-            self._dim = self._first_width(shards)
-        return self._dim
-
-    def _first_width(self, shards: Sequence[str]) -> int:
-        """A list column declares no width: the first vector's length (every row is checked against it when read)."""
-        col = self.options.embedding_column
-        for shard in shards:
-            path = self.file(shard)
-
-            def read(path: str = path) -> int | None:
-                with self.fs.open(path, "rb") as f:
-                    pf = pq.ParquetFile(f)
-                    d = column_dim(pf.schema_arrow.field(col), path)
-                    if d is not None:
-                        return d
-                    for batch in pf.iter_batches(batch_size=1024, columns=[col]):
-                        arr = batch.column(0).drop_null()
-                        if len(arr):
-                            return int(len(arr[0]))
-                return None
-
-            width = self.bounded(path, read)
-            if width:
-                return width
-        raise BadEmbeddings(f"input={self.folder}: column {col!r} holds no vector in any file")
-
-    def describe(self) -> dict[str, Any]:
-        o = self.options
-        return {
-            "input_format": self.name,
-            "modality": o.modality,
-            "embedding_column": o.embedding_column,
-            "key_column": o.key_column,
-            "columns": o.columns,
-        }

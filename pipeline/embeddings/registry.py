@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core.config import EmbeddingsConfig
-from pipeline.embeddings.foreign import ClipRetrievalSource, NpySource, ParquetSource
+from pipeline.embeddings.foreign import ClipRetrievalSource, NpySource
 from pipeline.embeddings.formats import CliplineSource, Source
+from pipeline.embeddings.parquetfiles import ParquetSource
 from pipeline.embeddings.rows import Bounded
 
 SOURCES: dict[str, type[Source]] = {c.name: c for c in (CliplineSource, ClipRetrievalSource, NpySource, ParquetSource)}
