@@ -212,7 +212,7 @@ class EmbeddingsConfig(_Section):
         "named here is taken under its clipline name when the source has it, else left empty.",
     )
     chunk_rows: int = Field(
-        65536,
+        16384,
         ge=1,
         description="Rows read from one vector file at a time (memory-mapped where local, one ranged read or one "
         "Parquet row group at a time on object stores): what bounds a stage's memory for the vectors it streams.",

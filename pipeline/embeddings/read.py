@@ -28,12 +28,18 @@ log = logging.getLogger(__name__)
 NORM_TOLERANCE = 1e-2
 
 
-def usable(x: np.ndarray) -> np.ndarray:
-    """Rows that hold a vector: finite and not all zeros (failed rows are stored as zero vectors)."""
+def vector_state(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(finite, not all zeros) of each row, with one boolean temporary of the block's size each."""
     x = np.asarray(x)
     if not len(x):
-        return np.zeros(0, bool)
-    return np.isfinite(x).all(axis=1) & (np.abs(x).max(axis=1) > 0)
+        return np.zeros(0, bool), np.zeros(0, bool)
+    return np.isfinite(x).all(axis=1), (x != 0).any(axis=1)
+
+
+def usable(x: np.ndarray) -> np.ndarray:
+    """Rows that hold a vector: finite and not all zeros (failed rows are stored as zero vectors)."""
+    finite, nonzero = vector_state(x)
+    return finite & nonzero
 
 
 def valid_rows(meta_ok: np.ndarray, vectors: np.ndarray, modality: str) -> np.ndarray:
@@ -45,8 +51,12 @@ def valid_rows(meta_ok: np.ndarray, vectors: np.ndarray, modality: str) -> np.nd
 
 
 def off_unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(norms, rows whose norm is off 1 by more than NORM_TOLERANCE) of usable rows."""
-    norms = np.linalg.norm(np.asarray(x).astype(np.float32, copy=False), axis=1)
+    """(norms, rows whose norm is off 1 by more than NORM_TOLERANCE) of usable rows, summed in float32 without a
+    float32 copy of the rows."""
+    x = np.asarray(x)
+    if not len(x):
+        return np.zeros(0, np.float32), np.zeros(0, bool)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
     return norms, np.abs(norms - 1) > NORM_TOLERANCE
 
 
@@ -56,7 +66,7 @@ def unit_rows(x: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, int]:
     if not off.any():
         return np.asarray(x).astype(dtype, copy=False), 0
     y = np.asarray(x).astype(np.float32)
-    y[off] /= norms[off, None]
+    np.divide(y, norms[:, None], out=y, where=off[:, None])
     return y.astype(dtype, copy=False), int(off.sum())
 
 
@@ -196,13 +206,15 @@ class EmbeddingSet:
 
     @staticmethod
     def _scan(c: Counts, meta_ok: np.ndarray, x: np.ndarray, modality: str) -> np.ndarray:
-        """Validity of one block of rows (and its `meta_ok`), added to the shard's counts."""
-        good = valid_rows(meta_ok, x, modality)
-        finite = np.isfinite(x).all(axis=1) if len(x) else np.zeros(0, bool)
+        """Validity of one block of rows and its `meta_ok` (valid_rows' rule), added to the shard's counts."""
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}")
+        finite, nonzero = vector_state(x)
+        good = meta_ok & finite & nonzero
         c.rows += len(x)
         c.failed += int((~meta_ok).sum())
         c.nonfinite += int((meta_ok & ~finite).sum())
-        c.zero += int((meta_ok & finite & ~good).sum())
+        c.zero += int((meta_ok & finite & ~nonzero).sum())
         return good
 
     def _record(self, shard: str, modality: str, c: Counts) -> None:

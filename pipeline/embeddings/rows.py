@@ -133,18 +133,22 @@ class NpyRows:
     def __getitem__(self, idx: Any) -> np.ndarray:
         if isinstance(idx, (int, np.integer)):
             return self[np.array([idx])][0]
+        if isinstance(idx, slice) and idx.step in (None, 1):  # one ranged read, no copy of what it returns
+            start, stop, _ = idx.indices(len(self))
+            with self._bounded(self.path, lambda: self.fs.open(self.path, "rb", cache_type="none")) as f:
+                return self._read(f, start, max(start, stop))
         rows = _positions(idx, len(self))
         out = np.empty((len(rows), self.header.dim), self.dtype)
         if not len(rows):
             return out
-        uniq, inverse = np.unique(rows, return_inverse=True)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
         gap = max(1, COALESCE_BYTES // max(self.row_bytes, 1))
-        parts = []
         with self._bounded(self.path, lambda: self.fs.open(self.path, "rb", cache_type="none")) as f:
-            for start, end in _runs(uniq, gap):
+            for start, end in _runs(np.unique(ordered), gap):
                 block = self._read(f, start, end)
-                parts.append(block[uniq[(uniq >= start) & (uniq < end)] - start])
-        out[:] = np.concatenate(parts)[inverse]
+                lo, hi = np.searchsorted(ordered, [start, end])
+                out[order[lo:hi]] = block[ordered[lo:hi] - start]
         return out
 
 
