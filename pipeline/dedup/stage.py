@@ -32,6 +32,7 @@ from pipeline.dedup import neighbors as nb
 from pipeline.dedup import semdedup
 from pipeline.dedup.groups import decide, exact_pairs
 from pipeline.dedup.vectors import Embeddings
+from pipeline.embeddings.read import needs_output
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def plan(cfg: Config) -> tuple[str, str, int]:
             "dedup.shards: required when dedup.materialize=true (the WebDataset shards that were embedded)"
         )
     folder = cfg.input.rstrip("/")
+    needs_output(folder, cfg.output)
     return folder, (cfg.output or posixpath.join(folder, "dedup")).rstrip("/"), budget
 
 

@@ -11,11 +11,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 
 from pipeline.core.config import EmbeddingsConfig
-from pipeline.core.errors import JobFailed
+from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.timeouts import within
 from pipeline.embeddings.formats import MODALITIES, Source
 from pipeline.embeddings.registry import source_for
@@ -68,6 +69,16 @@ def unit_rows(x: np.ndarray, dtype: np.dtype[Any]) -> tuple[np.ndarray, int]:
     y = np.asarray(x).astype(np.float32)
     np.divide(y, norms[:, None], out=y, where=off[:, None])
     return y.astype(dtype, copy=False), int(off.sum())
+
+
+def needs_output(folder: str, output: str | None, setting: str = "output") -> None:
+    """Stages write beside their input by default; when the input is one file (npy, parquet) there is no folder to
+    write in, so an output must be given (ConfigError before any work)."""
+    if output:
+        return
+    fs, path = fsspec.core.url_to_fs(folder)
+    if fs.isfile(path):
+        raise ConfigError(f"{setting}: required when input={folder} is a file (the default output is inside the input)")
 
 
 @dataclass

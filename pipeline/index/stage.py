@@ -29,7 +29,7 @@ from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.timeouts import naming_timeout
 from pipeline.core.workdir import tempfiles_in, work_folder
-from pipeline.embeddings.read import EmbeddingSet
+from pipeline.embeddings.read import EmbeddingSet, needs_output
 from pipeline.index.build import pyspark_session, restore_threads, run_autofaiss
 from pipeline.index.quality import measure, sample_vectors
 from pipeline.index.store import (
@@ -250,6 +250,7 @@ def build(cfg: Config) -> dict[str, Any]:
         raise ConfigError("input: expected one embed output folder, got a list")
     emb = EmbeddingSet(cfg.input, cfg.index.read_timeout_s, cfg.embeddings)
     record = embed_record(cfg, emb)
+    needs_output(emb.folder, cfg.output)
     output = (cfg.output or posixpath.join(emb.folder, "index")).rstrip("/")
     modalities = [m for m in cfg.index.modalities if m in emb.modalities]
     for m in set(cfg.index.modalities) - set(modalities):

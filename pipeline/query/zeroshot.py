@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import put_json, put_parquet
-from pipeline.embeddings.read import EmbeddingSet
+from pipeline.embeddings.read import EmbeddingSet, needs_output
 
 if TYPE_CHECKING:
     from pipeline.core.config import Config, EmbeddingsConfig, ModelConfig
@@ -133,6 +133,7 @@ def zero_shot(
     classes = list(classes)
     _check_inputs(classes, templates, k)
     emb = EmbeddingSet(embed_output_dir, options=options)
+    needs_output(emb.folder, output)
     out = (output or emb.folder).rstrip("/")
     if "image" not in emb.modalities:
         raise ConfigError(f"input={emb.folder}: holds no image embeddings to classify ({emb.modalities} only)")

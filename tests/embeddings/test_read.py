@@ -18,8 +18,9 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.cli.main import main
-from pipeline.core.config import EmbeddingsConfig
+from pipeline.core.config import EmbeddingsConfig, load_config
 from pipeline.core.errors import ConfigError
+from pipeline.dedup.stage import dedup
 from pipeline.embeddings.read import EmbeddingSet
 from pipeline.embeddings.registry import SOURCES, source_for
 from pipeline.embeddings.rows import NpyHeader, NpyRows, ParquetRows, read_npy_header
@@ -98,6 +99,8 @@ def test_npy_files_and_a_single_file(data: Any, tmp_path: Path) -> None:
     np.testing.assert_array_equal(r.kept(), data.txt["00002"])
     one = EmbeddingSet(f"{root}/00001.npy", options=opts(input_format="npy"))
     assert one.shards == ["00001"] and len(list(one.iter_kept("image"))[0]) == 40
+    with pytest.raises(ConfigError, match="output: required when input=.*00001.npy is a file"):
+        dedup(load_config([f"input={root}/00001.npy", "embeddings.input_format=npy"]))
     with pytest.raises(ConfigError, match="npy files hold no metadata"):
         EmbeddingSet(root, options=opts(input_format="npy", key_column="key"))
 
