@@ -73,7 +73,8 @@ def _check_append(info: dict[str, Any], record: dict[str, Any], shards: list[str
     """Appending is only sound for the same model, width and input format, and when no indexed shard disappeared."""
     old = info.get("embed", {})
     embed_dir = record["path"]
-    same = (old.get("model"), old.get("dim", record["dim"]), old.get("input_format", "clipline")) == (
+    # indices of older versions record no input_format (clipline's) and may record no dim (unknown: not compared)
+    same = (old.get("model"), old.get("dim") or record["dim"], old.get("input_format", "clipline")) == (
         record.get("model"),
         record["dim"],
         record["input_format"],
