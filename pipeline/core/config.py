@@ -224,6 +224,52 @@ class DedupConfig(_Section):
     reference: str | None = Field(None, description="Embed output of a dataset whose near-duplicates are removed.")
 
 
+class EmbeddingsConfig(_Section):
+    """How index, dedup, query, classify and report read embeddings: clipline's own embed output or vectors another
+    tool wrote (docs/FORMAT.md, "Embeddings clipline did not write"). One section for every stage that reads them."""
+
+    input_format: Literal["clipline", "clip-retrieval", "npy", "parquet"] = Field(
+        "clipline",
+        description="clipline: `clipline embed` output (found by its manifest.json); clip-retrieval: "
+        "img_emb/img_emb_N.npy, text_emb/text_emb_N.npy and metadata/metadata_N.parquet paired by N, rows aligned by "
+        "position (clip-retrieval inference, LAION releases); npy: .npy arrays only; parquet: .parquet files with an "
+        "embedding column. input= is the folder (or, for npy and parquet, also one file); any fsspec URL.",
+    )
+    key_column: str | None = Field(
+        None,
+        description="clip-retrieval and parquet: the metadata column that identifies a row (key, uid, image_path, "
+        "...), copied as `key` into id maps, keep/drop lists and query results. None: the row's number in its file, "
+        "so a row is identified by (shard = the file's name, key = row).",
+    )
+    embedding_column: str = Field(
+        "embedding",
+        description="parquet: the column holding the vectors, a list or fixed_size_list of float16 or float32.",
+    )
+    modality: Literal["image", "text"] = Field(
+        "image",
+        description="npy and parquet: whether the vectors are image or text embeddings (clip-retrieval: image from "
+        "img_emb/, text from text_emb/).",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="clip-retrieval and parquet: the source's names of the metadata columns stages use, by clipline "
+        "name (caption, url, sha256, width, height, clip_score), e.g. embeddings.columns.caption=TEXT; a column not "
+        "named here is taken under its clipline name when the source has it, else left empty.",
+    )
+    chunk_rows: int = Field(
+        16384,
+        ge=1,
+        description="Rows read from one vector file at a time (memory-mapped where local, one ranged read or one "
+        "Parquet row group at a time on object stores): what bounds a stage's memory for the vectors it streams.",
+    )
+    record_model: bool = Field(
+        True,
+        description="Formats other than clipline (no manifest): `clipline index` records model.* as the model that "
+        "made the vectors, after checking its embedding width against theirs where the model's config tells it "
+        "(exit 2 on mismatch), so text and image queries work later; false records none and queries take model.*.",
+    )
+
+
 class QueryConfig(_Section):
     """Options of `clipline query`."""
 
@@ -249,6 +295,7 @@ class Config(_Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     query: QueryConfig = Field(default_factory=QueryConfig)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from pipeline.dedup import neighbors as nb
 from pipeline.dedup import semdedup
 from pipeline.dedup.groups import decide, exact_pairs
 from pipeline.dedup.vectors import Embeddings
+from pipeline.embeddings.read import needs_output
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,21 @@ def plan(cfg: Config) -> tuple[str, str, int]:
         raise ConfigError(
             "dedup.shards: required when dedup.materialize=true (the WebDataset shards that were embedded)"
         )
-    return cfg.input.rstrip("/"), str(cfg.output or default_output(cfg)).rstrip("/"), budget
+    folder = cfg.input.rstrip("/")
+    needs_output(folder, cfg.output)
+    return folder, str(cfg.output or default_output(cfg)).rstrip("/"), budget
 
 
-def _open_reference(dc: DedupConfig, emb: Embeddings, workdir: str, read_timeout_s: float) -> Embeddings:
+def _open_reference(cfg: Config, emb: Embeddings) -> Embeddings:
+    """The reference set, read with the same embeddings.* options as the input; same model and width required."""
+    dc = cfg.dedup
     assert dc.reference is not None
-    ref = Embeddings(dc.reference, [], workdir, read_timeout_s)
-    mine, theirs = emb.manifest.get("model"), ref.manifest.get("model")
-    if mine != theirs or emb.vectors.d != ref.vectors.d:
-        raise ConfigError(f"dedup.reference: {dc.reference} was embedded with another model ({theirs} vs {mine})")
+    ref = Embeddings(dc.reference, [], dc.read_timeout_s, cfg.embeddings)
+    if emb.model != ref.model or emb.vectors.d != ref.vectors.d:
+        raise ConfigError(
+            f"dedup.reference: {dc.reference} was embedded with another model ({ref.model}, dim {ref.vectors.d}) "
+            f"than input ({emb.model}, dim {emb.vectors.d})"
+        )
     return ref
 
 
@@ -171,8 +178,8 @@ def dedup(cfg: Config) -> dict[str, Any]:
     t0, timings = time.perf_counter(), {}
     timeout = dc.read_timeout_s
     with work_folder("dedup") as workdir, naming_timeout("dedup.read_timeout_s"):
-        emb = Embeddings(folder, columns, workdir, timeout)
-        ref = _open_reference(dc, emb, workdir, timeout) if dc.reference else None
+        emb = Embeddings(folder, columns, timeout, cfg.embeddings)
+        ref = _open_reference(cfg, emb) if dc.reference else None
         vs = emb.vectors
         log.info("dedup: %d samples, %d embedded, dim %d, threshold %.3f", len(emb), vs.n, vs.d, dc.threshold)
         with timed("near-duplicate search", log) as tm:
@@ -193,6 +200,7 @@ def dedup(cfg: Config) -> dict[str, Any]:
             materialized = write_outputs(emb, tables, matches, found, dc, output)
         timings["write"] = tm["seconds"]
     summary = build_summary(emb, found, tables, dc, len(ea), materialized, output)
+    summary["input"] = emb.set.report()
     summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     summary["time_split_seconds"] = {k: round(v, 2) for k, v in timings.items()}
     put_json(posixpath.join(output, mat.SUMMARY), summary)

@@ -1,6 +1,6 @@
-"""Dedup's view of an embed output: one metadata row per sample (shard, index order) and a memory-mapped
-`VectorSet` over the samples whose image vector is valid (the embeddings read side's rule), so only the blocks being
-searched are in memory."""
+"""Dedup's view of embeddings (clipline's or another tool's, `embeddings.*`): one metadata row per sample (shard, index
+order) and a `VectorSet` over the samples whose image vector is valid (the embeddings read side's rule), read in place
+(memory-mapped where local, by ranged reads elsewhere), so only the blocks being searched are in memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from pipeline.core.config import EmbeddingsConfig
+from pipeline.core.errors import ConfigError
 from pipeline.dedup.neighbors import normalize_rows
 from pipeline.embeddings.read import EmbeddingSet
+from pipeline.embeddings.rows import RowArray
 
 MODALITY = "image"
 
@@ -25,11 +28,11 @@ class ShardVectors:
         self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in self.rows])]).astype(np.int64)
         self.n, self.d = int(self.offsets[-1]), emb.dim
 
-    def _array(self, i: int) -> np.ndarray:
-        """Shard i memory-mapped; callers drop it when done, so mapped pages never accumulate."""
+    def _array(self, i: int) -> RowArray:
+        """Shard i read in place; callers drop it when done, so mapped pages never accumulate."""
         arr = self.emb.vectors(self.emb.shards[i], MODALITY)
-        if arr.shape != (self.expected[i], self.d):
-            path = self.emb.files(self.emb.shards[i]).vectors(MODALITY)
+        if tuple(arr.shape) != (self.expected[i], self.d):
+            path = self.emb.vector_path(self.emb.shards[i], MODALITY)
             raise RuntimeError(f"{path}: shape {arr.shape}, metadata says ({self.expected[i]}, {self.d})")
         return arr
 
@@ -54,17 +57,28 @@ class ShardVectors:
 
 
 class Embeddings:
-    """An embed output opened for dedup: `rows` (every sample, with `embedded` = its image vector is valid) and
+    """Embeddings opened for dedup: `rows` (every sample, with `embedded` = its image vector is valid) and
     `vectors` over the embedded ones; `row_of[vector id]` is the row."""
 
-    def __init__(self, folder: str, columns: list[str], workdir: str, read_timeout_s: float | None = None):
-        self.set = EmbeddingSet(folder, read_timeout_s, workdir)
-        self.folder, self.shards, self.manifest = self.set.folder, self.set.shards, self.set.manifest
+    def __init__(
+        self,
+        folder: str,
+        columns: list[str],
+        read_timeout_s: float | None = None,
+        options: EmbeddingsConfig | None = None,
+    ):
+        self.set = EmbeddingSet(folder, read_timeout_s, options)
+        if MODALITY not in self.set.modalities:
+            raise ConfigError(f"input={folder}: holds no image embeddings to deduplicate ({self.set.modalities} only)")
+        self.folder, self.shards, self.model = self.set.folder, self.set.shards, self.set.model
         wanted = ["key", "shard", "index", *columns]
-        reads = [self.set.read(s, MODALITY, wanted) for s in self.shards]
-        self.rows = pd.concat([r.meta for r in reads], ignore_index=True)
-        self.rows["shard"] = pd.Categorical(self.rows["shard"], categories=self.shards)
-        valid = [r.valid for r in reads]
+        metas, valid = [], []
+        for s in self.shards:  # one shard open at a time: its vectors are scanned, then let go
+            r = self.set.read(s, MODALITY, wanted)
+            metas.append(r.meta)
+            valid.append(r.valid)
+        self.rows = pd.concat(metas, ignore_index=True)
+        self.rows["shard"] = pd.Categorical(self.rows["shard"].astype(str), categories=self.shards)
         self.rows["embedded"] = np.concatenate(valid) if valid else np.zeros(0, bool)
         self.vectors = ShardVectors(self.set, valid)
         self.row_of = np.flatnonzero(self.rows["embedded"].to_numpy())  # vector id -> row

@@ -28,9 +28,9 @@ def sample_vectors(
     quota = -(-n // max(len(shards), 1))
     out: list[np.ndarray] = []
     for sid in rng.permutation(shards):
-        x = emb.read(str(sid), modality, ()).kept()
-        take = rng.choice(len(x), size=min(quota, len(x), n - sum(map(len, out))), replace=False)
-        out.append(np.asarray(x[np.sort(take)], dtype=np.float32))
+        rows = emb.read(str(sid), modality, ()).rows
+        take = rng.choice(len(rows), size=min(quota, len(rows), n - sum(map(len, out))), replace=False)
+        out.append(emb.take(str(sid), rows[np.sort(take)], modality))
         if sum(map(len, out)) >= n:
             break
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -5,8 +5,8 @@ Output folder (default `<input>/index`), per modality M in {image, text}:
   M_ids.parquet  id -> shard, row (position in the shard's npy and metadata), key, caption, url; ids are
                  assigned shard by shard in sorted shard-id order, rows in file order, so the mapping never
                  depends on how a filesystem lists files; shards appended later get the ids after those
-  M.json         renamed last (the commit marker): autofaiss's index infos, the shards included, the embed
-                 folder and its manifest's model identity and model_config, and the measured quality
+  M.json         renamed last (the commit marker): autofaiss's index infos, the shards included, the input
+                 (path, format options, model identity and model_config, width), and the measured quality
 The renames are journaled: the next run completes a commit killed during them, and first removes what killed runs
 left (`index_store.py`). Rows whose vector is zero (image: status != "ok"; text: missing caption or unread sample)
 are not indexed. A later run with new committed shards adds them to the trained index (no retraining) unless index.rebuild.
@@ -18,7 +18,7 @@ import logging
 import posixpath
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import faiss
 import fsspec
@@ -29,7 +29,7 @@ from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.timeouts import naming_timeout
 from pipeline.core.workdir import tempfiles_in, work_folder
-from pipeline.embeddings.read import EmbeddingSet
+from pipeline.embeddings.read import EmbeddingSet, needs_output
 from pipeline.index.build import pyspark_session, restore_threads, run_autofaiss
 from pipeline.index.quality import measure, sample_vectors
 from pipeline.index.store import (
@@ -48,28 +48,48 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT_VERSION = 1
 
 
-def _read(emb: EmbeddingSet, shard_id: str, modality: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """One shard's indexable vectors and their id-map rows."""
-    r = emb.read(shard_id, modality, ID_SOURCE_COLUMNS)
-    return r.kept(), id_rows(r)
+def _read(emb: EmbeddingSet, shard_id: str, modality: str) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    """One shard's indexable vectors and their id-map rows, `embeddings.chunk_rows` rows of its file at a time."""
+    for chunk in emb.chunks(shard_id, modality, ID_SOURCE_COLUMNS):
+        yield chunk.vectors, id_rows(chunk)
 
 
-def _check_append(
-    info: dict[str, Any], manifest: dict[str, Any], shards: list[str], modality: str, embed_dir: str
-) -> None:
-    """Appending is only sound for the same model and when no indexed shard disappeared."""
+def embed_record(cfg: Config, emb: EmbeddingSet) -> dict[str, Any]:
+    """What the index records about its input (M.json `embed`): path, format options, model, width, dtype. For
+    embeddings without a recorded model, model.* is recorded (embeddings.record_model), its width checked first."""
+    from pipeline.embeddings.modelcheck import to_record
+    from pipeline.models import ModelLoadError
+
+    out = {"path": absolute(emb.folder), **emb.describe()}
+    if out.get("model") is None and emb.input_format != "clipline" and cfg.embeddings.record_model:
+        try:
+            out["model"], out["model_config"] = to_record(cfg.model, emb.dim, f"input={emb.folder}")
+        except ModelLoadError as e:
+            raise ConfigError(f"model: {e} (or set embeddings.record_model=false)") from e
+    return out
+
+
+def _check_append(info: dict[str, Any], record: dict[str, Any], shards: list[str], modality: str) -> None:
+    """Appending is only sound for the same model, width and input format, and when no indexed shard disappeared."""
     old = info.get("embed", {})
-    if old.get("model") != manifest.get("model") or old.get("dim", manifest.get("dim")) != manifest.get("dim"):
+    embed_dir = record["path"]
+    # indices of older versions record no input_format (clipline's) and may record no dim (unknown: not compared)
+    same = (old.get("model"), old.get("dim") or record["dim"], old.get("input_format", "clipline")) == (
+        record.get("model"),
+        record["dim"],
+        record["input_format"],
+    )
+    if not same:
         raise ConfigError(
-            f"index: the existing {modality} index holds embeddings of model {old.get('model')} (dim {old.get('dim')}) "
-            f"but input={embed_dir} was made with {manifest.get('model')} (dim {manifest.get('dim')}); "
-            "set index.rebuild=true or use another output"
+            f"index: the existing {modality} index holds {old.get('input_format', 'clipline')} embeddings of model "
+            f"{old.get('model')} (dim {old.get('dim')}) but input={embed_dir} holds {record['input_format']} "
+            f"embeddings of {record.get('model')} (dim {record['dim']}); set index.rebuild=true or use another output"
         )
     gone = sorted(set(info["shards"]) - set(shards))
     if gone:
         raise ConfigError(
-            f"index: shards {gone[:5]} of the existing {modality} index are not committed in "
-            f"input={embed_dir}; set index.rebuild=true"
+            f"index: shards {gone[:5]} of the existing {modality} index are not in input={embed_dir}; "
+            "set index.rebuild=true"
         )
 
 
@@ -85,14 +105,14 @@ def _build_new(
     try:
         tables, n, dim = [], 0, 0
         for ordinal, sid in enumerate(shards):
-            x, t = _read(emb, sid, modality)
-            t.insert(0, "id", np.arange(n, n + len(t), dtype=np.int64))
-            tables.append(t)
-            if len(x):
-                # The ordinal prefix fixes the order embedding-reader (which sorts paths) feeds vectors in.
-                with fs.open(posixpath.join(stage, f"{ordinal:09d}.npy"), "wb") as f:
-                    np.save(f, x)
-                n, dim = n + len(x), x.shape[1]
+            for part, (x, t) in enumerate(_read(emb, sid, modality)):
+                t.insert(0, "id", np.arange(n, n + len(t), dtype=np.int64))
+                tables.append(t)
+                if len(x):
+                    # The ordinal prefix fixes the order embedding-reader (which sorts paths) feeds vectors in.
+                    with fs.open(posixpath.join(stage, f"{ordinal:09d}_{part:06d}.npy"), "wb") as f:
+                        np.save(f, x)
+                    n, dim = n + len(x), x.shape[1]
         if n == 0:
             raise JobFailed(f"no {modality} vectors to index: every row of {len(shards)} shards failed or is empty")
         # autofaiss also makes temporary files of its own in the tempfile module's folder
@@ -128,27 +148,29 @@ def _append(
     with_ids = ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap  # type: ignore[attr-defined]
     tables, next_id = [ids], int(index.ntotal)
     for sid in new:
-        x, t = _read(emb, sid, modality)
-        new_ids = np.arange(next_id, next_id + len(x), dtype=np.int64)
-        if len(x):
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            index.add_with_ids(x, new_ids) if with_ids else index.add(x)
-        t.insert(0, "id", new_ids)
-        tables.append(t)
-        next_id += len(x)
+        for x, t in _read(emb, sid, modality):
+            new_ids = np.arange(next_id, next_id + len(x), dtype=np.int64)
+            if len(x):
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                index.add_with_ids(x, new_ids) if with_ids else index.add(x)
+            t.insert(0, "id", new_ids)
+            tables.append(t)
+            next_id += len(x)
     if index.ntotal != next_id:
         raise JobFailed(f"{modality}: index holds {index.ntotal} vectors after the append, expected {next_id}")
     return index, pd.concat(tables, ignore_index=True)
 
 
-def _index_modality(cfg: Config, emb: EmbeddingSet, output: str, modality: str) -> dict[str, Any]:
-    embed_dir, shards, manifest = emb.folder, emb.shards, emb.manifest
+def _index_modality(
+    cfg: Config, emb: EmbeddingSet, record: dict[str, Any], output: str, modality: str
+) -> dict[str, Any]:
+    shards = emb.shards
     t0 = time.perf_counter()
     info = read_info(output, modality)
     fresh = info is None or cfg.index.rebuild or not cfg.index.append
     if not fresh:
         assert info is not None
-        _check_append(info, manifest, shards, modality, embed_dir)
+        _check_append(info, record, shards, modality)
         if cfg.index.index_key and cfg.index.index_key != info.get("index_key"):
             log.warning(
                 "index.index_key=%s ignored: appending to the existing %s index (%s); set index.rebuild=true "
@@ -187,13 +209,7 @@ def _index_modality(cfg: Config, emb: EmbeddingSet, output: str, modality: str) 
         "ntotal": int(index.ntotal),
         "dim": int(index.d),
         "shards": shards,
-        "embed": {
-            "path": absolute(embed_dir),
-            "model": manifest.get("model"),
-            "model_config": manifest.get("model_config"),
-            "dim": manifest.get("dim"),
-            "output_dtype": manifest.get("output_dtype"),
-        },
+        "embed": record,
         "autofaiss": infos,
         "quality": quality,
         "history": history,
@@ -238,7 +254,9 @@ def build(cfg: Config) -> dict[str, Any]:
     require(cfg, "input")
     if not isinstance(cfg.input, str):
         raise ConfigError("input: expected one embed output folder, got a list")
-    emb = EmbeddingSet(cfg.input, cfg.index.read_timeout_s)
+    emb = EmbeddingSet(cfg.input, cfg.index.read_timeout_s, cfg.embeddings)
+    record = embed_record(cfg, emb)
+    needs_output(emb.folder, cfg.output)
     output = str(cfg.output or default_output(cfg)).rstrip("/")
     modalities = [m for m in cfg.index.modalities if m in emb.modalities]
     for m in set(cfg.index.modalities) - set(modalities):
@@ -251,9 +269,10 @@ def build(cfg: Config) -> dict[str, Any]:
         faiss.omp_set_num_threads(cfg.index.nb_cores or threads)
         for m in modalities:
             try:
-                summary[m] = _index_modality(cfg, emb, output, m)
+                summary[m] = _index_modality(cfg, emb, record, output, m)
             except JobFailed as e:
                 e.summary = dict(summary, **e.summary)
                 raise
+    summary["input"] = emb.report()
     summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     return summary

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.fsio import TMP_MARK, discard, is_local, read_json, tmp_name
-from pipeline.embeddings.read import ShardRead
+from pipeline.embeddings.read import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,13 @@ def index_files(output: str, modality: str) -> IndexFiles:
     )
 
 
-def id_rows(read: ShardRead) -> pd.DataFrame:
-    """The id map's rows (without the id) of one shard's valid vectors: where each vector is and what it shows."""
-    rows = read.rows
-    kept = read.meta.iloc[rows]
+def id_rows(chunk: Chunk) -> pd.DataFrame:
+    """The id map's rows (without the id) of a chunk of one shard's valid vectors: where each is and what it shows."""
+    kept = chunk.meta
     return pd.DataFrame(
         {
-            "shard": read.shard,
-            "row": rows.astype(np.int32),
+            "shard": pd.Series([chunk.shard] * len(chunk.rows), dtype=object),
+            "row": chunk.rows.astype(np.int32),
             **{c: kept[c].to_numpy() if c in kept else None for c in ID_SOURCE_COLUMNS},
         }
     )

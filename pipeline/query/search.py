@@ -1,5 +1,10 @@
 """Search an index folder made by `clipline index`: the Searcher API and the `clipline query` command.
 
+The model that embeds text and image queries is the one recorded with the index (from clipline's manifest, or
+model.* recorded by `clipline index` for embeddings clipline did not write), else model.*; key and vector queries
+need none. The stored vector of a key query is read back from the embeddings the index was built from, with the
+format options the index recorded.
+
 Serving the same folder with clip-retrieval's `clip back` (checked against clip-retrieval's clip_back.py):
 `clip back --indices-paths indices_paths.json` reads a JSON object mapping a name to a folder, or to a dict of
 per-index options:
@@ -37,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import Config, require
+from pipeline.core.config import Config, EmbeddingsConfig, ModelConfig, require
 from pipeline.core.errors import ConfigError
 from pipeline.embeddings.layout import read_manifest
 from pipeline.embeddings.read import EmbeddingSet
@@ -56,9 +61,14 @@ MAX_QUERY_IMAGE_PIXELS = 89_478_485
 
 
 class Searcher:
-    """One modality's index of an index folder, with its id map and (loaded on first use) the embedding model."""
+    """One modality's index of an index folder, with its id map and (loaded on first use) the embedding model.
 
-    def __init__(self, index_dir: str, modality: str = "image", mmap: bool = True):
+    `model` is the model to embed text and image queries with when the index records none (it was built from
+    embeddings clipline did not write, without embeddings.record_model); a recorded model always wins. Either way
+    its width is checked against the index's before the first query.
+    """
+
+    def __init__(self, index_dir: str, modality: str = "image", mmap: bool = True, model: ModelConfig | None = None):
         self.index_dir = index_dir.rstrip("/")
         self.modality = modality
         info = read_info(self.index_dir, modality)
@@ -80,27 +90,38 @@ class Searcher:
                 f"{self.index_dir}: {modality} index ({self.index.ntotal}), id map ({len(self.ids)}) and "
                 f"json ({info['ntotal']}) disagree; rebuild it with index.rebuild=true"
             )
+        self.model_config = model
         self._model: EmbeddingModel | None = None
 
     @functools.cached_property
     def embed_dir(self) -> str:
-        """The embed output the index was built from: as recorded, else the index folder's parent (default layout)."""
+        """The embeddings the index was built from: as recorded, else (clipline's own, moved with the index) the
+        index folder's parent (default layout)."""
         recorded = self.info["embed"]["path"]
-        if read_manifest(recorded) is None:
+        if self.input_options.input_format == "clipline" and read_manifest(recorded) is None:
             parent = posixpath.dirname(self.index_dir)
             if read_manifest(parent) is not None:
                 return parent
         return str(recorded)
 
+    @functools.cached_property
+    def input_options(self) -> EmbeddingsConfig:
+        """The embeddings.* options the index was built with (clipline's own format for indices that record none)."""
+        names = EmbeddingsConfig.model_fields
+        return EmbeddingsConfig.model_validate({k: v for k, v in self.info["embed"].items() if k in names and v})
+
     @property
     def model(self) -> EmbeddingModel:
-        """The model recorded with the index, checked to still be the same weights."""
+        """The model recorded with the index (checked to still be the same weights), else the one given; its width
+        checked against the index's."""
         if self._model is None:
-            from pipeline.models import load_recorded
+            from pipeline.embeddings.modelcheck import load_for
 
             embed = self.info["embed"]
             where = index_files(self.index_dir, self.modality).info
-            self._model = load_recorded(embed.get("model_config"), embed.get("model"), where)
+            self._model = load_for(
+                embed.get("model_config"), embed.get("model"), where, self.model_config, int(self.index.d)
+            )
         return self._model
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, queries: Sequence[str] | None = None) -> pd.DataFrame:
@@ -153,14 +174,22 @@ class Searcher:
     def search_key(self, keys: list[str], k: int = 10) -> pd.DataFrame:
         """Neighbours of indexed samples, queried with their stored embedding (read back from the embed npy)."""
         found = self.ids.filter(pc.is_in(self.ids["key"], value_set=pa.array(keys, pa.string())))
-        where = {r["key"]: (r["shard"], r["row"]) for r in found.select(["key", "shard", "row"]).to_pylist()}
+        where: dict[str, list[tuple[str, int]]] = {}
+        for r in found.select(["key", "shard", "row"]).to_pylist():
+            where.setdefault(r["key"], []).append((r["shard"], r["row"]))
         missing = [key for key in keys if key not in where]
         if missing:
             raise KeyError(f"not in the {self.modality} index: {', '.join(missing[:10])}")
-        return self.search_vectors(np.stack([self._stored_vector(*where[key]) for key in keys]), k, keys)
+        # Row numbers, the keys of embeddings without a key column, repeat in every file: refuse to guess.
+        repeated = [f"{key} (shards {', '.join(s for s, _ in where[key][:3])})" for key in keys if len(where[key]) > 1]
+        if repeated:
+            raise KeyError(f"keys in several shards of the {self.modality} index: {'; '.join(repeated[:5])}")
+        return self.search_vectors(np.stack([self._stored_vector(*where[key][0]) for key in keys]), k, keys)
 
     def _stored_vector(self, shard: str, row: int) -> np.ndarray:
-        return EmbeddingSet(self.embed_dir).vector(shard, row, self.modality)
+        # Only this shard is opened: a foreign folder is not listed and checked again for one vector.
+        emb = EmbeddingSet(self.embed_dir, options=self.input_options, shards=[shard])
+        return emb.vector(shard, row, self.modality)
 
 
 def _load_image(image: str | Image.Image) -> Image.Image:
@@ -204,7 +233,9 @@ def query_cli(
     if sum(q is not None for q in (text, image, key)) != 1:
         raise ConfigError("query: give exactly one of --text, --image or --key")
     try:
-        searcher = Searcher(cfg.input, cfg.query.modality)
+        searcher = Searcher(cfg.input, cfg.query.modality, model=cfg.model)
+        if text is not None or image is not None:
+            searcher.model  # noqa: B018  (loaded and its width checked before any query runs)
         if text is not None:
             df = searcher.search_text(text, cfg.query.k)
         elif image is not None:

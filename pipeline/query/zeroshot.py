@@ -1,4 +1,5 @@
-"""Zero-shot classification of embedded images: class names x prompt templates -> top-k labels per sample."""
+"""Zero-shot classification of embedded images (clipline's or another tool's, `embeddings.*`): class names x prompt
+templates -> top-k labels per sample."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import pyarrow as pa
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import put_json, put_parquet
-from pipeline.embeddings.read import EmbeddingSet
+from pipeline.embeddings.read import EmbeddingSet, needs_output
 
 if TYPE_CHECKING:
-    from pipeline.core.config import Config
+    from pipeline.core.config import Config, EmbeddingsConfig, ModelConfig
     from pipeline.models import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -75,27 +76,41 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
 
 
-def model_from_manifest(emb: EmbeddingSet) -> "EmbeddingModel":
-    """The model that made these embeddings, refusing one whose weights have changed since."""
+def model_for(emb: EmbeddingSet, given: "ModelConfig | None" = None) -> "EmbeddingModel":
+    """The model that made these embeddings (clipline's manifest; refused if its weights changed since), else for
+    embeddings that record none `given` (model.*); its width checked against the vectors' before any work."""
+    from pipeline.embeddings.modelcheck import check_width, load_for
     from pipeline.models import load_recorded
 
-    return load_recorded(emb.manifest.get("model_config"), emb.manifest.get("model"), f"{emb.folder}/manifest.json")
+    if emb.input_format == "clipline":  # its manifest names the model, always
+        where = f"{emb.folder}/manifest.json"
+        model = load_recorded(emb.manifest.get("model_config"), emb.model, where)
+        check_width(model.dim, str(emb.model), emb.dim, where)
+        return model
+    return load_for(None, None, f"input={emb.folder}", given, emb.dim)
 
 
 def _classify_shard(
     emb: EmbeddingSet, shard_id: str, class_emb: np.ndarray, classes: Sequence[str], k: int
 ) -> tuple[pa.Table, int]:
-    r = emb.read(shard_id, "image", ("key",))
-    scores = r.kept().astype(np.float32) @ class_emb.T
-    idx, val = top_k(scores, k)
-    keys = r.meta["key"].to_numpy(object)[r.valid]
     names = np.asarray(classes, dtype=object)
-    cols: dict[str, Any] = {"key": pa.array(keys.tolist(), pa.string())}
-    for j in range(idx.shape[1]):
-        cols[f"label_{j + 1}"] = pa.array(names[idx[:, j]].tolist(), pa.string())
-    for j in range(idx.shape[1]):
-        cols[f"score_{j + 1}"] = pa.array(val[:, j], pa.float32())
-    return pa.table(cols), int((~r.valid).sum())
+    keys, idx, val, rows = [], [], [], 0
+    for chunk in emb.chunks(shard_id, "image", ("key",)):  # a chunk at a time: large foreign files stay bounded
+        i, v = top_k(chunk.vectors.astype(np.float32) @ class_emb.T, k)
+        keys.append(chunk.meta["key"].to_numpy(object))
+        idx.append(i)
+        val.append(v)
+        rows += len(chunk.rows)
+    kk = min(k, len(classes))
+    idx_a = np.concatenate(idx) if idx else np.zeros((0, kk), np.int64)
+    val_a = np.concatenate(val) if val else np.zeros((0, kk), np.float32)
+    cols: dict[str, Any] = {"key": pa.array(np.concatenate(keys).tolist() if keys else [], pa.string())}
+    for j in range(idx_a.shape[1]):
+        cols[f"label_{j + 1}"] = pa.array(names[idx_a[:, j]].tolist(), pa.string())
+    for j in range(idx_a.shape[1]):
+        cols[f"score_{j + 1}"] = pa.array(val_a[:, j], pa.float32())
+    counts = emb.counts[(shard_id, "image")]
+    return pa.table(cols), counts.rows - rows
 
 
 def zero_shot(
@@ -105,22 +120,31 @@ def zero_shot(
     k: int = 5,
     output: str | None = None,
     model: "EmbeddingModel | None" = None,
+    options: "EmbeddingsConfig | None" = None,
+    model_config: "ModelConfig | None" = None,
 ) -> dict[str, Any]:
     """Write OUTPUT/zeroshot/zeroshot_{shard}.parquet (key, label_1..k, score_1..k; score = cosine similarity).
 
-    OUTPUT defaults to the embed folder. The text side uses the model recorded in its manifest unless `model`
-    is given. Samples whose image failed are left out. Returns a summary with the top-1 label counts.
+    OUTPUT defaults to the embeddings folder. `options` (embeddings.*) picks the input format. The text side uses
+    `model` when given, else the model recorded in the manifest, else (embeddings clipline did not write)
+    `model_config`. Samples whose image failed are left out. Returns a summary with the top-1 label counts.
     """
     templates = list(templates or DEFAULT_TEMPLATES)
     classes = list(classes)
     _check_inputs(classes, templates, k)
-    emb = EmbeddingSet(embed_output_dir)
+    emb = EmbeddingSet(embed_output_dir, options=options)
+    needs_output(emb.folder, output)
     out = (output or emb.folder).rstrip("/")
     if "image" not in emb.modalities:
-        raise ConfigError(f"input={emb.folder}: embedded with embed.image=false; no image embeddings to classify")
+        raise ConfigError(f"input={emb.folder}: holds no image embeddings to classify ({emb.modalities} only)")
     shards = emb.shards
     t0 = time.perf_counter()
-    model = model or model_from_manifest(emb)
+    if model is None:
+        model = model_for(emb, model_config)
+    else:
+        from pipeline.embeddings.modelcheck import check_width
+
+        check_width(model.dim, type(model).__name__, emb.dim, f"input={emb.folder}")
     class_emb = class_embeddings(model, classes, templates)
     counts: collections.Counter[str] = collections.Counter()
     samples = skipped = 0
@@ -134,7 +158,8 @@ def zero_shot(
         "classes": classes,
         "templates": templates,
         "k": min(k, len(classes)),
-        "model": emb.manifest.get("model"),
+        "model": emb.model or (model_config and _fingerprint(model_config)),
+        "input": emb.describe(),
         "shards": shards,
         "score": "cosine similarity of image and class text embeddings",
     }
@@ -147,8 +172,15 @@ def zero_shot(
         "classes": len(classes),
         "templates": len(templates),
         "seconds": round(time.perf_counter() - t0, 2),
+        "input": emb.report(),
         "top1_counts": dict(counts.most_common()),
     }
+
+
+def _fingerprint(cfg: "ModelConfig") -> dict[str, Any]:
+    from pipeline.models import model_fingerprint
+
+    return model_fingerprint(cfg)
 
 
 def _read_lines(path: str) -> list[str]:
@@ -174,7 +206,9 @@ def classify_cli(
     names = list(classes or []) + (_read_lines(classes_file) if classes_file else [])
     temps = list(templates or []) + (_read_lines(templates_file) if templates_file else [])
     try:
-        summary = zero_shot(cfg.input, names, temps or None, k, output=cfg.output)
+        summary = zero_shot(
+            cfg.input, names, temps or None, k, output=cfg.output, options=cfg.embeddings, model_config=cfg.model
+        )
     except ModelLoadError as e:  # the recorded model cannot be had here: a setup problem, like in `embed`
         raise ConfigError(str(e)) from e
     lines = [

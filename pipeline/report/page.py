@@ -236,7 +236,7 @@ def report_cli(cfg: Config, queries: list[str] | None = None) -> str:
     require(cfg, "input")
     if not isinstance(cfg.input, str):
         raise ConfigError("input: expected one output folder (of clipline run or clipline demo)")
-    out = RunOutput(cfg.input)
+    out = RunOutput(cfg.input, cfg.embeddings)
     if not out.exists(out.root):
         raise ConfigError(f"input: {cfg.input} does not exist")
     target = posixpath.join((cfg.output or out.root).rstrip("/"), REPORT_FILE)

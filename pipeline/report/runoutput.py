@@ -1,5 +1,6 @@
-"""RunOutput: a read-only view of a chain or demo output root (or a bare embed folder), every stage's part optional;
-what `clipline report` and the notebooks read a run's outputs through."""
+"""RunOutput: a read-only view of a chain or demo output root (or a bare embed folder, or a folder of embeddings
+another tool wrote, read with `embeddings.*`), every stage's part optional; what `clipline report` and the notebooks
+read a run's outputs through."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from pipeline.core.config import EmbeddingsConfig
 from pipeline.core.fsio import read_json
 from pipeline.download import layout as download_layout
 from pipeline.embeddings.layout import committed_shards, read_manifest, read_stats
@@ -28,13 +30,19 @@ EXACT_NN_MAX = 200_000
 class RunOutput:
     """A chain or demo output root (or a bare embed folder) opened for reading; every stage's part may be missing."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, options: EmbeddingsConfig | None = None):
         self.root = str(root).rstrip("/")
         self.fs, _ = fsspec.core.url_to_fs(self.root)
+        self.options = options or EmbeddingsConfig()
+        self.foreign = self.options.input_format != "clipline"
         paths = layout(self.root)
-        if not self.exists(paths.embeddings) and self.exists(posixpath.join(self.root, "manifest.json")):
-            paths = embed_folder_layout(self.root)  # an embed output folder given directly
+        if self.foreign or (
+            not self.exists(paths.embeddings) and self.exists(posixpath.join(self.root, "manifest.json"))
+        ):
+            paths = embed_folder_layout(self.root)  # an embeddings folder given directly
         self.paths = paths
+        # Another tool's folder is opened (listed and checked) now, so a bad one is a config error before any work.
+        self._foreign_set = EmbeddingSet(self.root, options=self.options) if self.foreign else None
 
     def exists(self, path: str) -> bool:
         return bool(path) and bool(self.fs.exists(fsspec.core.url_to_fs(path)[1]))
@@ -54,11 +62,15 @@ class RunOutput:
 
     @functools.cached_property
     def manifest(self) -> dict[str, Any] | None:
+        if self.foreign:
+            return None
         return read_manifest(self.paths.embeddings) if self.exists(self.paths.embeddings) else None
 
     @functools.cached_property
     def embeddings(self) -> EmbeddingSet | None:
-        """The embed output, when it has a manifest and committed shards."""
+        """The embeddings: clipline's when there is a manifest and committed shards; another tool's as configured."""
+        if self.foreign:
+            return self._foreign_set
         if not self.manifest or not committed_shards(self.paths.embeddings):
             return None
         return EmbeddingSet(self.paths.embeddings)
@@ -78,7 +90,9 @@ class RunOutput:
 
     @property
     def embedded(self) -> int:
-        """Samples embedded (status ok), from the embed stats."""
+        """Samples embedded (status ok), from the embed stats; for another tool's embeddings, the rows it wrote."""
+        if self.foreign and self.embeddings is not None:
+            return sum(self.embeddings.rows(s) for s in self.shards)
         return sum(int(s.get("status_counts", {}).get("ok", 0)) for s in self.embed_stats)
 
     @functools.cached_property
@@ -122,10 +136,12 @@ class RunOutput:
         xs, rows = [], []
         for s in self.shards:
             assert self.embeddings is not None
-            r = self.embeddings.read(s, "image", ("key", "caption", "url"))
-            xs.append(np.asarray(r.kept(), np.float32))
-            kept = r.meta.iloc[r.rows][["key", "caption", "url"]].reset_index(drop=True)
-            rows.append(kept.assign(shard=s, row=r.rows.astype(np.int32))[["shard", "row", "key", "caption", "url"]])
+            for c in self.embeddings.chunks(s, "image", ("key", "caption", "url")):
+                xs.append(np.asarray(c.vectors, np.float32))
+                kept = c.meta[["key", "caption", "url"]]
+                rows.append(
+                    kept.assign(shard=s, row=c.rows.astype(np.int32))[["shard", "row", "key", "caption", "url"]]
+                )
         if not xs:
             return np.zeros((0, 0), np.float32), pd.DataFrame()
         return np.concatenate(xs), pd.concat(rows, ignore_index=True)
