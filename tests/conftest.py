@@ -33,10 +33,11 @@ def repo_root() -> Path:
     return REPO
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """For tests that call setup_logging (or main() in-process) under capsys: afterwards, drop the handler it bound to
-    the test's captured stderr (closed then) but keep pytest's own, and restore the root level and TQDM_DISABLE."""
+    """Every test that calls setup_logging (main() in-process does) leaves logging as it found it: afterwards, drop
+    the handler bound to the test's captured stderr (closed then) but keep pytest's own, and restore the root level
+    (log_level=ERROR in one test must not hide the next test's warnings from caplog) and TQDM_DISABLE."""
     import logging
 
     root = logging.getLogger()
