@@ -1,4 +1,4 @@
-"""img2dataset with clipline's fetch step (pipeline/core/webfetch.py) in place of its own, in every process that runs
+"""img2dataset with clipline's fetch step (pipeline/web/fetch.py) in place of its own, in every process that runs
 its downloader; sharding, resizing, writers, stats files and incremental mode stay img2dataset's.
 
 img2dataset's fetch (`downloader.download_image`) cannot be configured into safety: urllib's per-read timeout lets a
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from img2dataset import downloader as i2d_downloader
 from PIL import Image
 
-from pipeline.core import webfetch
-from pipeline.core.netguard import parse_networks
+from pipeline.web import fetch as webfetch
+from pipeline.web.addresses import parse_networks
 
 if TYPE_CHECKING:  # not imported in img2dataset's workers, which only unpickle FetchSettings
     from pipeline.core.config import DownloadConfig

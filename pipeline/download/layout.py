@@ -93,7 +93,7 @@ def stats_names(fs: Any, folder: str) -> set[str]:
 
 
 _RULES = (
-    # clipline's fetch step (pipeline/core/webfetch.py, download/fetcher.py); before the older rules, whose
+    # clipline's fetch step (pipeline/web/fetch.py, download/fetcher.py); before the older rules, whose
     # needles ("timeout") can appear inside these messages
     (("scheme refused",), "scheme refused"),
     (("address refused",), "address refused"),

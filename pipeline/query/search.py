@@ -193,8 +193,8 @@ class Searcher:
 
 
 def _load_image(image: str | Image.Image) -> Image.Image:
-    from pipeline.core.webfetch import FetchPolicy, fetch
     from pipeline.embed.decode import decode_image, to_rgb
+    from pipeline.web.fetch import FetchPolicy, fetch
 
     if not isinstance(image, str):
         return to_rgb(image)

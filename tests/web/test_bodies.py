@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pipeline.core import bodies
-from pipeline.core.bodies import BUDGET, SLACK, SMALL, Body
+from pipeline.web import bodies
+from pipeline.web.bodies import BUDGET, SLACK, SMALL, Body
 
 
 def _fill(body: Body, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""Where pipeline/core/webfetch.py keeps a response body while it arrives, so that memory depends on the size cap
+"""Where pipeline/web/fetch.py keeps a response body while it arrives, so that memory depends on the size cap
 and never on what servers send: small bodies in a bytearray; big ones in an anonymous memory map, unmapped when the
 fetch ends, under one per-process budget shared by every thread."""
 

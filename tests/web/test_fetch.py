@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.core import netguard, webfetch
-from pipeline.core.netguard import address_refusal, parse_networks
-from pipeline.core.webfetch import (
+from pipeline.download.layout import classify_error
+from pipeline.web import addresses as netguard
+from pipeline.web import fetch as webfetch
+from pipeline.web.addresses import address_refusal, parse_networks
+from pipeline.web.fetch import (
     AddressRefused,
     BadURL,
     ConnectionFailed,
@@ -30,7 +32,6 @@ from pipeline.core.webfetch import (
     TooManyRedirects,
     fetch,
 )
-from pipeline.download.layout import classify_error
 from tests.support.webservers import WebServer, watched_fifo, web_server
 
 LOOPBACK = parse_networks(["127.0.0.1"])  # the test server's one address; 127.0.0.2 and the rest stay private

@@ -1,4 +1,4 @@
-"""The network-level guards under pipeline/core/webfetch.py: which IP addresses a fetch may connect to (imgproxy's
+"""The network-level guards under pipeline/web/fetch.py: which IP addresses a fetch may connect to (imgproxy's
 classes: loopback, private, link-local, plus cloud metadata endpoints), name resolution bounded by a deadline, and
 the reaper that ends sockets whose deadline passed."""
 

@@ -19,8 +19,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from pipeline.core.bodies import SLACK, Body
-from pipeline.core.netguard import REAPER, IPNetwork, Watch, address_refusal, resolve
+from pipeline.web.addresses import REAPER, IPNetwork, Watch, address_refusal, resolve
+from pipeline.web.bodies import SLACK, Body
 
 log = logging.getLogger(__name__)
 
