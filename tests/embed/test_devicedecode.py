@@ -18,8 +18,10 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import RawSample
 from pipeline.embed.decode import BatchDecoder
-from pipeline.embed.devicedecode import DeviceDecoder, DevicePreprocess, check_config, probe_jpeg
+from pipeline.embed.devicedecode import DeviceDecoder, check_config, probe_jpeg
+from pipeline.embed.hostdecode import HostDecoder
 from pipeline.embed.runner import embed_worker, get_model, run_shard
+from pipeline.embed.transform import PixelTransform
 from pipeline.models import EmbeddingModel
 from tests.support.helpers import hostile_samples, jpeg_bytes, load_shard, overrides, write_tar
 
@@ -86,7 +88,7 @@ def special_jpegs() -> dict[str, tuple[bytes, bool]]:
         "exif_upright": (_encode(base_img, exif=exif1), True),
         "trailing_zeros": (base + b"\x00" * 100, True),
         "cut_then_end_marker": (base[: len(base) // 2] + b"\xff\xd9", True),  # libjpeg and Pillow: a warning, ok
-        "bad_scan_header": (_bad_scan_component(base), True),  # passes the probe, the device refuses it
+        "bad_scan_header": (_bad_scan_component(base), False),  # libjpeg's header reader refuses it
         "exif_rotated": (_encode(base_img, exif=exif6), False),
         "xmp_rotated": (_encode(base_img, xmp=xmp), False),
         "grayscale": (_encode(base_img.convert("L")), False),
@@ -108,8 +110,18 @@ def model(tiny_model: dict[str, str]) -> EmbeddingModel:
 
 
 def _decoders(model: EmbeddingModel, **kw: Any) -> tuple[BatchDecoder, BatchDecoder]:
+    """The model path (Pillow + the model's own preprocess) and the device path with its uint8 host fallbacks."""
     args = (model.preprocess, model.tokenize, LIMIT, (255, 255, 255))
-    return BatchDecoder(*args), BatchDecoder(*args, device=DeviceDecoder(model, **kw))
+    transform = PixelTransform(model.preprocess_info(), model.device)
+    host = HostDecoder(transform, LIMIT, None, pin=model.device.type == "cuda")
+    return BatchDecoder(*args), BatchDecoder(*args, device=DeviceDecoder(transform, **kw), host=host)
+
+
+def _model_batch(dec: BatchDecoder, samples: list[RawSample]) -> Any:
+    """The decoded batch with its pixels as encode_image takes them (the uint8 ones normalized on the device)."""
+    batch = dec("0", samples)
+    batch.pixels = dec.model_input(batch.pixels)
+    return batch
 
 
 def _comparable(rows: list[Any]) -> list[tuple[Any, ...]]:
@@ -145,7 +157,7 @@ def test_device_pixels_and_embeddings_match_the_pil_path(model: EmbeddingModel) 
     sizes = [(300, 300), (640, 480), (48, 40), (1000, 333), (20, 30), (333, 1000), (31, 32), (257, 129)]
     samples = [RawSample(f"{i}", i, _encode(_photo(w, h, i), quality=85), b"c") for i, (w, h) in enumerate(sizes)]
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert b.device_decoded == len(samples) and a.image_rows == b.image_rows == list(range(len(samples)))
     assert _comparable(a.rows) == _comparable(b.rows)
     std = torch.tensor(model.preprocess_info()["std"]).view(1, 3, 1, 1)
@@ -163,23 +175,23 @@ def test_statuses_are_the_cpu_paths_for_every_special_and_hostile_sample(model: 
         samples.append(RawSample(k, len(samples), image, fields.get("txt")))
     samples.append(RawSample("read_error", len(samples), jpeg_bytes(3), b"c", error="tar broke here"))
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert _comparable(a.rows) == _comparable(b.rows)
     assert [r.caption_status for r in a.rows] == [r.caption_status for r in b.rows]
     assert a.image_rows == b.image_rows and a.text_rows == b.text_rows
     assert {r.status for r in b.rows} >= {"ok", "decode_error", "too_large", "empty_image", "no_image", "read_error"}
-    # The plain JPEGs of both lists were decoded on the device, all but the one whose scan header it refuses.
-    expected = (
-        sum(on for _, on in specials.values())
-        - 1
-        + sum(1 for k, f in hostile_samples() if k in ("ok", "nocaption", "badutf8", "bigcaption"))
+    # The plain JPEGs of both lists were decoded on the device.
+    expected = sum(on for _, on in specials.values()) + sum(
+        1 for k, f in hostile_samples() if k in ("ok", "nocaption", "badutf8", "bigcaption")
     )
     assert b.device_decoded == expected
     cos = (model.encode_image(a.pixels) * model.encode_image(b.pixels)).sum(1)
     assert cos.min().item() >= CPU_COSINE
 
 
-def test_a_sample_the_device_refuses_takes_the_cpu_path(model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sample_the_device_refuses_takes_the_host_path(
+    model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Like nvjpeg refusing a file libjpeg reads: the batch call fails, then only that sample falls back."""
     import pipeline.embed.devicedecode as dd
 
@@ -197,10 +209,12 @@ def test_a_sample_the_device_refuses_takes_the_cpu_path(model: EmbeddingModel, m
     samples = [RawSample(str(i), i, jpeg_bytes(i, (40, 30)), None) for i in range(3)]
     samples.insert(1, RawSample("refused", 1, refused, None))
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert calls == [4, 1, 1, 1, 1]  # the batch, then one call per sample
     assert b.device_decoded == 3 and _comparable(a.rows) == _comparable(b.rows)
-    assert torch.equal(a.pixels[1], b.pixels[1])  # the fallback is the CPU path's own tensor
+    assert dev.host is not None
+    own = dev.host.fast_jpeg(refused)  # the fallback is the host path's own crop
+    assert own is not None and torch.equal(b.pixels[1], dev.model_input(own[0][None])[0])
 
 
 def test_pixel_budget_splits_decode_calls(model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,7 +249,7 @@ def test_resize_modes_follow_open_clip(size: Any, resize_mode: str, interpolatio
         size, is_train=False, mean=mean, std=std, resize_mode=resize_mode, interpolation=interpolation, fill_color=7
     )
     info = {"size": size, "mean": mean, "std": std, "resize_mode": resize_mode, "interpolation": interpolation}
-    pre = DevicePreprocess({**info, "fill_color": 7}, torch.device("cpu"))
+    pre = PixelTransform({**info, "fill_color": 7}, torch.device("cpu"))
     for i, (w, h) in enumerate([(100, 60), (60, 100), (33, 33), (17, 90)]):
         img = _photo(w, h, i)
         want = ref(img)
@@ -303,7 +317,7 @@ def test_unsupported_combinations_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no open_clip preprocess config"):
         run_shard(task, _NoPreprocessConfig(), cfg.embed)
     with pytest.raises(ConfigError, match="resize_mode 'crop'"):
-        DevicePreprocess({"size": 8, "mean": 0.5, "std": 0.5, "resize_mode": "crop"}, torch.device("cpu"))
+        PixelTransform({"size": 8, "mean": 0.5, "std": 0.5, "resize_mode": "crop"}, torch.device("cpu"))
     with pytest.raises(ConfigError, match="embed.decode"):
         load_config(["embed.decode=gpu"])
 
@@ -318,7 +332,7 @@ def test_cuda_nvjpeg_decode_matches_the_pil_path(tiny_model: dict[str, str]) -> 
     samples = [RawSample(k, i, d, b"c") for i, (k, (d, _)) in enumerate(specials.items())]
     samples += [RawSample(f"p{i}", 100 + i, _encode(_photo(200 + 40 * i, 150 + 30 * i, i)), b"c") for i in range(8)]
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert b.pixels.device.type == "cuda" and b.pixels.is_contiguous(memory_format=torch.channels_last)
     # nvjpeg must refuse what libjpeg refuses (or decode it, when Pillow does too): the statuses stay the CPU path's.
     assert _comparable(a.rows) == _comparable(b.rows)
