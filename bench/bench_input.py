@@ -54,7 +54,9 @@ def make_shard(path: Path, kind: str, n: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
     with tarfile.open(path, "w") as t:
         for i in range(n):
-            short, long = (256, int(rng.integers(256, 385))) if kind == "256px" else (int(rng.integers(1100, 1600)), 2000)
+            short, long = (
+                (256, int(rng.integers(256, 385))) if kind == "256px" else (int(rng.integers(1100, 1600)), 2000)
+            )
             w, h = (long, short) if i % 2 else (short, long)
             jpg = photo_like(rng, w, h)
             key = f"{i:09d}"
@@ -177,7 +179,9 @@ def cosine(args: argparse.Namespace, shards: dict[str, str], model: Any, decoder
         got = dec.model_input(dec("0", raw).pixels)
         cos = (model.encode_image(ref) * model.encode_image(got)).sum(1)
         worst = raw[int(cos.argmin())].key
-        print(f"  {name:9s} n={len(raw):3d}  min {cos.min().item():.6f} (key {worst})  median {cos.median().item():.6f}")
+        print(
+            f"  {name:9s} n={len(raw):3d}  min {cos.min().item():.6f} (key {worst})  median {cos.median().item():.6f}"
+        )
     torch.set_num_threads(1)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -24,6 +23,7 @@ from pipeline.embed.runner import embed_worker, get_model, run_shard
 from pipeline.embed.transform import PixelTransform
 from pipeline.models import EmbeddingModel
 from tests.support.helpers import hostile_samples, jpeg_bytes, load_shard, overrides, write_tar
+from tests.support.jpegs import WHOLE, encode, photo, special_jpegs
 
 LIMIT = 10_000_000
 # The CPU device decodes with the same libjpeg-turbo as Pillow (bit-identical pixels, checked below), so the
@@ -35,73 +35,6 @@ MAX_LEVELS = 2  # per-pixel difference of the preprocessed images, in 0..255 uni
 # nvjpeg's IDCT and chroma upsampling differ from libjpeg's and the CUDA resize rounds once instead of per pass;
 # not measured on this GPU-less machine, so the bound is the loose one the issue asks for.
 CUDA_COSINE = 0.99
-
-
-def _encode(img: Image.Image, fmt: str = "JPEG", **kw: Any) -> bytes:
-    b = io.BytesIO()
-    img.save(b, fmt, **kw)
-    return b.getvalue()
-
-
-def _photo(w: int, h: int, seed: int) -> Image.Image:
-    """Smooth structure plus noise: something a resize filter has to work on, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    arr = np.stack([np.sin(x / (7 + seed % 5) + c) * np.cos(y / 9 - c) for c in (0, 1, 2)], -1) * 90 + 128
-    return Image.fromarray((arr + rng.normal(0, 15, arr.shape)).clip(0, 255).astype(np.uint8))
-
-
-def _with_sof(data: bytes, marker: int) -> bytes:
-    i = data.index(b"\xff\xc0")
-    return data[: i + 1] + bytes([marker]) + data[i + 2 :]
-
-
-def _with_size(data: bytes, w: int, h: int) -> bytes:
-    i = data.index(b"\xff\xc0") + 5  # FF C0, length (2), precision (1), then height, width
-    return data[:i] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + data[i + 4 :]
-
-
-def _bad_scan_component(data: bytes) -> bytes:
-    i = data.index(b"\xff\xda") + 5  # FF DA, length (2), component count (1), first component selector
-    return data[:i] + b"\x09" + data[i + 1 :]
-
-
-def _adobe_rgb(data: bytes) -> bytes:
-    app14 = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # transform 0: samples are RGB, not YCbCr
-    return data[:2] + app14 + data[2:]
-
-
-WHOLE = ("baseline", "progressive", "subsampling_444", "exif_upright", "trailing_zeros")
-
-
-def special_jpegs() -> dict[str, tuple[bytes, bool]]:
-    """name -> (bytes, whether the device may take it); everything else must go to decode_image."""
-    base_img = _photo(90, 60, 1)
-    base = _encode(base_img, quality=90)
-    exif1, exif6 = Image.Exif(), Image.Exif()
-    exif1[0x0112], exif6[0x0112] = 1, 6
-    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
-    return {
-        "baseline": (base, True),
-        "progressive": (_encode(base_img, progressive=True), True),
-        "subsampling_444": (_encode(base_img, subsampling=0), True),
-        "exif_upright": (_encode(base_img, exif=exif1), True),
-        "trailing_zeros": (base + b"\x00" * 100, True),
-        "cut_then_end_marker": (base[: len(base) // 2] + b"\xff\xd9", True),  # libjpeg and Pillow: a warning, ok
-        "bad_scan_header": (_bad_scan_component(base), False),  # libjpeg's header reader refuses it
-        "exif_rotated": (_encode(base_img, exif=exif6), False),
-        "xmp_rotated": (_encode(base_img, xmp=xmp), False),
-        "grayscale": (_encode(base_img.convert("L")), False),
-        "cmyk": (_encode(base_img.convert("CMYK")), False),
-        "adobe_rgb": (_adobe_rgb(base), False),
-        "arithmetic": (_with_sof(base, 0xC9), False),
-        "lossless": (_with_sof(base, 0xC3), False),
-        "mpo": (_encode(base_img, "MPO", save_all=True, append_images=[_photo(90, 60, 2)]), False),
-        "truncated": (base[: len(base) // 2], False),
-        "trailing_garbage": (base + b"garbage", False),
-        "over_pixel_limit": (_with_size(base, 5000, 5000), False),
-        "png": (_encode(base_img, "PNG"), False),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +88,7 @@ def test_cpu_device_decode_is_libjpeg_exactly() -> None:
 
 def test_device_pixels_and_embeddings_match_the_pil_path(model: EmbeddingModel) -> None:
     sizes = [(300, 300), (640, 480), (48, 40), (1000, 333), (20, 30), (333, 1000), (31, 32), (257, 129)]
-    samples = [RawSample(f"{i}", i, _encode(_photo(w, h, i), quality=85), b"c") for i, (w, h) in enumerate(sizes)]
+    samples = [RawSample(f"{i}", i, encode(photo(w, h, i), quality=85), b"c") for i, (w, h) in enumerate(sizes)]
     cpu, dev = _decoders(model)
     a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert b.device_decoded == len(samples) and a.image_rows == b.image_rows == list(range(len(samples)))
@@ -197,7 +130,7 @@ def test_a_sample_the_device_refuses_takes_the_host_path(
 
     real = dd.decode_jpeg
     calls: list[int] = []
-    refused = _encode(_photo(50, 50, 9), quality=70)
+    refused = encode(photo(50, 50, 9), quality=70)
 
     def picky(data: Any, **kw: Any) -> Any:
         calls.append(len(data))
@@ -232,37 +165,9 @@ def test_pixel_budget_splits_decode_calls(model: EmbeddingModel, monkeypatch: py
     assert calls == [5, 2, 2, 1] and torch.equal(a.pixels, b.pixels)
 
 
-@pytest.mark.parametrize(
-    "size,resize_mode,interpolation",
-    [
-        (32, "shortest", "bicubic"),
-        (32, "shortest", "bilinear"),
-        ((24, 40), "shortest", "bicubic"),
-        (32, "squash", "bilinear"),
-        (32, "longest", "bicubic"),
-        ((40, 24), "longest", "bicubic"),
-    ],
-)
-def test_resize_modes_follow_open_clip(size: Any, resize_mode: str, interpolation: str) -> None:
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    ref = open_clip.image_transform(
-        size, is_train=False, mean=mean, std=std, resize_mode=resize_mode, interpolation=interpolation, fill_color=7
-    )
-    info = {"size": size, "mean": mean, "std": std, "resize_mode": resize_mode, "interpolation": interpolation}
-    pre = PixelTransform({**info, "fill_color": 7}, torch.device("cpu"))
-    for i, (w, h) in enumerate([(100, 60), (60, 100), (33, 33), (17, 90)]):
-        img = _photo(w, h, i)
-        want = ref(img)
-        u8 = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).contiguous()
-        got = pre.normalize(pre.resize_crop(u8)[None])[0]
-        assert got.shape == want.shape
-        levels = ((got - want).abs() * torch.tensor(std).view(3, 1, 1) * 255).amax().item()
-        assert levels <= MAX_LEVELS + 0.01, (w, h, levels)
-
-
 def test_run_shard_device_decode_equals_cpu_path(tmp_path: Path, tiny_model: dict[str, str]) -> None:
     samples = [
-        (f"{i:04d}", {"jpg": _encode(_photo(40 + 13 * i, 30 + 7 * i, i), quality=88), "txt": f"thing {i}".encode()})
+        (f"{i:04d}", {"jpg": encode(photo(40 + 13 * i, 30 + 7 * i, i), quality=88), "txt": f"thing {i}".encode()})
         for i in range(9)
     ] + hostile_samples()
     tar = write_tar(tmp_path / "00000.tar", samples)
@@ -330,7 +235,7 @@ def test_cuda_nvjpeg_decode_matches_the_pil_path(tiny_model: dict[str, str]) -> 
     model = get_model(cfg)
     specials = special_jpegs()
     samples = [RawSample(k, i, d, b"c") for i, (k, (d, _)) in enumerate(specials.items())]
-    samples += [RawSample(f"p{i}", 100 + i, _encode(_photo(200 + 40 * i, 150 + 30 * i, i)), b"c") for i in range(8)]
+    samples += [RawSample(f"p{i}", 100 + i, encode(photo(200 + 40 * i, 150 + 30 * i, i)), b"c") for i in range(8)]
     cpu, dev = _decoders(model)
     a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert b.pixels.device.type == "cuda" and b.pixels.is_contiguous(memory_format=torch.channels_last)
