@@ -47,6 +47,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from bench_embed import photo_like, save_checkpoint  # noqa: E402  (bench scripts share their generators)
 
 KINDS = ("256px", "2000px")
+# A tiny open_clip config for smoke runs (`--arch tiny`, bench_gpu's `--models tiny`): the tests run them on it.
+TINY = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}
 
 
 def make_shard(path: Path, kind: str, n: int, seed: int) -> str:
@@ -68,14 +74,19 @@ def make_shard(path: Path, kind: str, n: int, seed: int) -> str:
     return str(path)
 
 
+_CHECKPOINTS: dict[str, list[str]] = {}  # arch -> its model.* overrides, saved once per run
+
+
 def load(arch: str, work: Path, preprocess: str) -> tuple[Any, Any]:
     """The embed runner's own model and decoder for embed.preprocess=`preprocess` (images only)."""
     from pipeline.core.config import load_config
     from pipeline.embed.runner import get_model, make_decoder
 
-    ckpt = work / f"{arch}.pt"
-    ov = save_checkpoint(arch, ckpt) if not ckpt.exists() else [f"model.arch={arch}", f"model.checkpoint={ckpt}"]
-    cfg = load_config(ov + ["embed.text=false", f"embed.preprocess={preprocess}"])
+    config = TINY if arch == "tiny" else None
+    name = "bench-tiny" if config else arch
+    if name not in _CHECKPOINTS:
+        _CHECKPOINTS[name] = save_checkpoint(name, work / f"{name}.pt", config)
+    cfg = load_config(_CHECKPOINTS[name] + ["embed.text=false", f"embed.preprocess={preprocess}"])
     model = get_model(cfg)  # also applies embed.reuse_memory as a CPU worker does
     return model, make_decoder(model, cfg.embed)
 
@@ -286,7 +297,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=48, help="samples in the 2,000 px shard")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random weights)")
+    ap.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random weights), or 'tiny'")
     ap.add_argument("--cosine-samples", type=int, default=16)
     ap.add_argument("--skip-cosine", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
