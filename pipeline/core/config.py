@@ -124,9 +124,9 @@ class EmbedConfig(_Section):
     )
     decode: Literal["cpu", "device"] = Field(
         "cpu",
-        description="Where JPEGs are decoded and preprocessed: cpu (Pillow, in the decode threads) or device "
-        "(torchvision decode_jpeg and tensor resize on model.device, nvjpeg on a GPU; open_clip models only; "
-        "other formats and unusual JPEGs still take the cpu path).",
+        description="Where JPEGs are decoded and preprocessed: cpu (in the decode threads: libjpeg-turbo or Pillow, "
+        "see embed.preprocess) or device (torchvision decode_jpeg and the uint8 resize on model.device, nvjpeg on "
+        "a GPU; open_clip models only; other formats and unusual JPEGs still take the cpu path).",
     )
     preprocess: Literal["auto", "uint8", "model"] = Field(
         "auto",
