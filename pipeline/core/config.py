@@ -164,13 +164,30 @@ class EmbedConfig(_Section):
     max_pixels: int = Field(89_478_485, gt=0, description="Images above this many pixels are rejected (bombs).")
     background: tuple[int, int, int] = Field((255, 255, 255), description="RGB behind transparent pixels.")
     draft: bool = Field(
-        True, description="Decode big JPEGs at reduced scale (Pillow draft) when lossless for the model."
+        True,
+        description="Decode big JPEGs at a reduced DCT scale: Pillow's draft (short side kept >= 2x the model "
+        "input) on the model path, libjpeg-turbo's scaling per embed.draft_margin on the uint8 path.",
     )
     decode: Literal["cpu", "device"] = Field(
         "cpu",
-        description="Where JPEGs are decoded and preprocessed: cpu (Pillow, in the decode threads) or device "
-        "(torchvision decode_jpeg and tensor resize on model.device, nvjpeg on a GPU; open_clip models only; "
-        "other formats and unusual JPEGs still take the cpu path).",
+        description="Where JPEGs are decoded and preprocessed: cpu (in the decode threads: libjpeg-turbo or Pillow, "
+        "see embed.preprocess) or device (torchvision decode_jpeg and the uint8 resize on model.device, nvjpeg on "
+        "a GPU; open_clip models only; other formats and unusual JPEGs still take the cpu path).",
+    )
+    preprocess: Literal["auto", "uint8", "model"] = Field(
+        "auto",
+        description="How decoded images become model input: uint8 (open_clip's preprocess config reproduced on "
+        "uint8 pixels: plain JPEGs decoded by libjpeg-turbo at a reduced DCT scale, every other file by Pillow; "
+        "resized and cropped as uint8, sent to model.device as uint8 (pinned memory on CUDA) and normalized "
+        "there), model (the model's own preprocess on the CPU, float32 batches; every family), auto = uint8 for "
+        "open_clip models, model for the others. embed.decode=device implies uint8.",
+    )
+    draft_margin: float = Field(
+        1.5,
+        ge=1.0,
+        description="With embed.preprocess=uint8 and embed.draft: a JPEG is decoded at the smallest libjpeg-turbo "
+        "DCT scale (1/2, 1/4, 1/8) that keeps at least this many pixels per resized pixel on each axis; the "
+        "antialiased resize does the rest.",
     )
     trim_text: bool = Field(True, description="Cut caption padding for causal text towers (identical results).")
     reuse_memory: bool = Field(

@@ -14,9 +14,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.embed.batch import OK, DecodedBatch, RawSample, SampleRow
+from pipeline.embed.jpeg import TRANSPOSE
 
 if TYPE_CHECKING:
     from pipeline.embed.devicedecode import DeviceDecoder
+    from pipeline.embed.hostdecode import HostDecoder
 
 # Our own pixel check runs on the header first; PIL's own guard would only warn or raise with another message.
 Image.MAX_IMAGE_PIXELS = None
@@ -89,17 +91,22 @@ def decode_image(
             w, h = img.size
             if w * h > max_pixels:
                 raise SampleError("too_large", f"{w}x{h} = {w * h} pixels > embed.max_pixels={max_pixels}")
+            scale = 1.0
             if draft_size and img.format == "JPEG" and min(w, h) > 2 * draft_size:
                 # Keep the short side >= 2x the model input so the resize after it sees enough pixels.
                 k = 2 * draft_size / min(w, h)
-                img.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
+                drafted = img.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
+                scale = w / drafted[1][2] if drafted else 1.0  # draft's box: the source extent in reduced pixels
             loaded = img.size
             img.load()
+            upright = scale == 1 or TRANSPOSE.get(img.getexif().get(0x0112, 1)) is None
             img = ImageOps.exif_transpose(img) or img  # type: ignore[assignment]
             out = to_rgb(img, background)
             # Record the source size (draft decoding shrinks the pixels, EXIF rotation may swap the sides).
             swapped = img.size != loaded
             out.info["source_size"] = (h, w) if swapped else (w, h)
+            if scale > 1 and upright:  # the uint8 resize maps reduced pixels exactly while the partial block is last
+                out.info["draft_scale"] = round(scale)
             return out
     except SampleError:
         raise
@@ -127,8 +134,10 @@ def _meta_str(meta: dict[str, Any], key: str) -> str | None:
 class BatchDecoder:
     """Turns a list of RawSamples into a DecodedBatch using the model's preprocess and tokenizer.
 
-    With a `device` decoder (embed.decode=device), plain JPEGs are decoded and preprocessed on the model's device
-    and every other sample, or any JPEG the device fails on, takes the CPU path: the statuses stay the same.
+    With a `host` decoder (embed.preprocess=uint8), images become uint8 crops at the model's input size (plain
+    JPEGs through libjpeg-turbo, the rest through decode_image) and the batch is normalized on the model's device
+    by `model_input`. With a `device` decoder as well (embed.decode=device), plain JPEGs are decoded and cropped on
+    the model's device. Every sample a fast path refuses or fails on takes decode_image: the statuses stay the same.
     """
 
     def __init__(
@@ -140,7 +149,10 @@ class BatchDecoder:
         embed_image: bool = True,
         draft_size: int | None = None,
         device: "DeviceDecoder | None" = None,
+        host: "HostDecoder | None" = None,
     ):
+        if device is not None and host is None:
+            raise ValueError("a device decoder needs the host decoder for the samples it refuses")
         self.preprocess = preprocess
         self.tokenize = tokenize
         self.max_pixels = max_pixels
@@ -148,6 +160,7 @@ class BatchDecoder:
         self.embed_image = embed_image
         self.draft_size = draft_size
         self.device = device
+        self.host = host
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
 
     def _row(self, s: RawSample) -> tuple[SampleRow, bool]:
@@ -174,11 +187,12 @@ class BatchDecoder:
         return row, self.embed_image
 
     def _cpu_pixels(self, row: SampleRow, data: bytes | None) -> Any:
-        """The policy path: decode_image + the model's own preprocess; failures become the row's status."""
+        """The policy path: decode_image + the model's own preprocess (or the uint8 crop); failures become the
+        row's status."""
         try:
             img = decode_image(data, self.max_pixels, self.background, self.draft_size)
             row.width, row.height = img.info.get("source_size", img.size)
-            return self.preprocess(img)
+            return self.host.from_image(img) if self.host is not None else self.preprocess(img)
         except SampleError as e:
             row.status, row.error = e.status, str(e)
             return None
@@ -186,9 +200,19 @@ class BatchDecoder:
             row.status, row.error = "preprocess_error", f"{type(e).__name__}: {e}"
             return None
 
-    def __call__(self, shard_id: str, samples: list[RawSample]) -> DecodedBatch:
-        import torch
+    def _host_pixels(self, row: SampleRow, data: bytes | None) -> Any:
+        """The host fast path for plain JPEGs, the policy path for everything it refuses or fails on."""
+        if self.host is not None:
+            try:
+                fast = self.host.fast_jpeg(data)
+            except Exception:  # never trusted over the policy path, which then says what the sample is
+                fast = None
+            if fast is not None:
+                row.width, row.height = fast[1]
+                return fast[0]
+        return self._cpu_pixels(row, data)
 
+    def __call__(self, shard_id: str, samples: list[RawSample]) -> DecodedBatch:
         t0 = time.perf_counter()
         rows: list[SampleRow] = []
         pixels: dict[int, Any] = {}
@@ -202,20 +226,10 @@ class BatchDecoder:
             if size is not None:
                 deferred.append((i, size))
                 continue
-            px = self._cpu_pixels(row, s.image)
+            px = self._host_pixels(row, s.image)
             if px is not None:
                 pixels[i] = px
-        on_device: set[int] = set()
-        if deferred and self.device is not None:
-            crops = self.device.decode([samples[i].image or b"" for i, _ in deferred], [wh for _, wh in deferred])
-            for (i, (w, h)), crop in zip(deferred, crops):
-                if crop is None:  # the device refused it: the CPU policy decides what this sample is
-                    crop = self._cpu_pixels(rows[i], samples[i].image)
-                else:
-                    rows[i].width, rows[i].height = w, h
-                    on_device.add(i)
-                if crop is not None:
-                    pixels[i] = crop
+        on_device = self._device_pixels(samples, rows, deferred, pixels)
         text_rows = [i for i, r in enumerate(rows) if r.caption is not None and r.status != "read_error"]
         tokens = None
         if self.tokenize is not None and text_rows:
@@ -225,18 +239,50 @@ class BatchDecoder:
         else:
             text_rows = []
         image_rows = sorted(pixels)
-        batch_pixels = None
-        if image_rows and self.device is not None:
-            batch_pixels = self.device.assemble([pixels[i] for i in image_rows], [i in on_device for i in image_rows])
-        elif image_rows:
-            batch_pixels = torch.stack([pixels[i] for i in image_rows])
         return DecodedBatch(
             shard_id,
             rows,
-            batch_pixels,
+            self._assemble([pixels[i] for i in image_rows], [i in on_device for i in image_rows]),
             image_rows,
             tokens,
             text_rows,
             time.perf_counter() - t0,
             device_decoded=len(on_device),
         )
+
+    def _device_pixels(
+        self,
+        samples: list[RawSample],
+        rows: list[SampleRow],
+        deferred: list[tuple[int, tuple[int, int]]],
+        pixels: dict[int, Any],
+    ) -> set[int]:
+        """Decode the deferred JPEGs on the device into `pixels`; the ones it refuses take the host paths."""
+        on_device: set[int] = set()
+        if not deferred or self.device is None:
+            return on_device
+        crops = self.device.decode([samples[i].image or b"" for i, _ in deferred], [wh for _, wh in deferred])
+        for (i, (w, h)), crop in zip(deferred, crops):
+            if crop is None:  # the device refused it: the host decides what this sample is
+                crop = self._host_pixels(rows[i], samples[i].image)
+            else:
+                rows[i].width, rows[i].height = w, h
+                on_device.add(i)
+            if crop is not None:
+                pixels[i] = crop
+        return on_device
+
+    def _assemble(self, pixels: list[Any], on_device: list[bool]) -> Any:
+        if not pixels:
+            return None
+        if self.device is not None and self.host is not None:
+            return self.device.assemble(pixels, on_device, self.host)
+        if self.host is not None:
+            return self.host.stack(pixels)
+        import torch
+
+        return torch.stack(pixels)
+
+    def model_input(self, pixels: Any) -> Any:
+        """What encode_image takes: a uint8 batch goes to the model's device and is normalized there."""
+        return self.host.model_input(pixels) if self.host is not None and pixels is not None else pixels

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from pipeline.core.config import Config, EmbedConfig
+from pipeline.core.errors import ConfigError
 from pipeline.core.tasks import ShardTask
 from pipeline.distribute.base import WorkerContext
 from pipeline.embed.batch import OK, DecodedBatch, EmbeddedBatch, RawSample
@@ -81,18 +83,33 @@ def _batched(samples: Iterator[RawSample], size: int) -> Iterator[list[RawSample
         yield buf
 
 
-def embed_batch(model: EmbeddingModel, batch: DecodedBatch, image: bool, text: bool) -> EmbeddedBatch:
+def embed_batch(
+    model: EmbeddingModel,
+    batch: DecodedBatch,
+    image: bool,
+    text: bool,
+    model_input: Callable[[Any], Any] | None = None,
+) -> EmbeddedBatch:
+    """`model_input` turns the decoded pixels into encode_image's input (the uint8 batch normalized on the device)."""
     n = len(batch.rows)
     img = np.zeros((n, model.dim), dtype=np.float32)
     txt = np.zeros((n, model.dim), dtype=np.float32)
     if image and batch.pixels is not None:
-        img[batch.image_rows] = model.encode_image(batch.pixels).numpy()
+        pixels = model_input(batch.pixels) if model_input is not None else batch.pixels
+        img[batch.image_rows] = model.encode_image(pixels).numpy()
     if text and batch.tokens is not None:
         txt[batch.text_rows] = model.encode_text(batch.tokens).numpy()
     return EmbeddedBatch(batch.shard_id, batch.rows, img, txt)
 
 
 def decode_threads(cfg: EmbedConfig, model: EmbeddingModel) -> int:
+    """Decode threads per worker process: threads, not processes, by measurement (bench/bench_input.py).
+
+    The uint8 hot loop holds the GIL ~36 us per 256 px sample (row, header checks, geometry, dispatch; libjpeg-turbo,
+    the resize and the batch copy run without it), so one worker's threads top out near 27,000 samples/s, above
+    what one GPU consumes (ViT-B-32 fp16 ~12,000/s on a 4090), and there is one worker per GPU. A process pool
+    would pickle every uint8 batch back: 2 processes cost ~10% more CPU per sample than 2 threads (measured).
+    """
     if cfg.decode_threads:
         return cfg.decode_threads
     if model.device.type == "cuda":
@@ -130,13 +147,41 @@ def _draft_size(model: EmbeddingModel, cfg: EmbedConfig) -> int | None:
     return int(size) if size else None
 
 
-def make_decoder(model: EmbeddingModel, cfg: EmbedConfig) -> BatchDecoder:
-    """The shard's decoder: the model's own preprocess and tokenizer, plus the device decoder with decode=device."""
-    device_decoder = None
-    if cfg.decode == "device":
-        from pipeline.embed.devicedecode import DeviceDecoder
+def _is_open_clip(model: EmbeddingModel) -> bool:
+    """Without importing open_clip for a family that does not use it: an OpenClipModel's module is loaded already."""
+    module = sys.modules.get("pipeline.models.openclip")
+    return module is not None and isinstance(model, module.OpenClipModel)
 
-        device_decoder = DeviceDecoder(model)
+
+def uses_uint8(model: EmbeddingModel, cfg: EmbedConfig) -> bool:
+    """Whether images go to the model as uint8 crops normalized on its device (embed.preprocess, embed.decode)."""
+    from pipeline.embed.transform import unsupported
+
+    if cfg.decode == "device":  # uint8 by construction (check_config refuses embed.preprocess=model with it)
+        return True
+    if cfg.preprocess == "model":
+        return False
+    reason = "not an open_clip model" if not _is_open_clip(model) else unsupported(model.preprocess_info())
+    if reason and cfg.preprocess == "uint8":
+        raise ConfigError(f"embed.preprocess=uint8: {reason}; use embed.preprocess=auto or model")
+    return reason is None
+
+
+def make_decoder(model: EmbeddingModel, cfg: EmbedConfig) -> BatchDecoder:
+    """The shard's decoder: the model's tokenizer and, with the uint8 pipeline, the host (and device) decoders that
+    reproduce its preprocess config; otherwise the model's own preprocess."""
+    host = device_decoder = None
+    if cfg.image and uses_uint8(model, cfg):
+        from pipeline.embed.hostdecode import HostDecoder
+        from pipeline.embed.transform import PixelTransform
+
+        transform = PixelTransform(model.preprocess_info(), model.device)
+        margin = cfg.draft_margin if cfg.draft else None
+        host = HostDecoder(transform, cfg.max_pixels, margin, pin=model.device.type == "cuda")
+        if cfg.decode == "device":
+            from pipeline.embed.devicedecode import DeviceDecoder
+
+            device_decoder = DeviceDecoder(transform)
     return BatchDecoder(
         model.preprocess,
         model.tokenize if cfg.text else None,
@@ -145,6 +190,7 @@ def make_decoder(model: EmbeddingModel, cfg: EmbedConfig) -> BatchDecoder:
         embed_image=cfg.image,
         draft_size=_draft_size(model, cfg),
         device=device_decoder,
+        host=host,
     )
 
 
@@ -177,7 +223,7 @@ def run_shard(
         timings["decode"] += decoded.decode_seconds
         device_decoded += decoded.device_decoded
         t0 = time.perf_counter()
-        emb = embed_batch(model, decoded, cfg.image, cfg.text)
+        emb = embed_batch(model, decoded, cfg.image, cfg.text, decoder.model_input)
         timings["model"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         writer.write(emb)

@@ -47,7 +47,7 @@ def plan(cfg: Config) -> list[ShardTask]:
     assert cfg.input is not None and cfg.output is not None
     if not (cfg.embed.image or cfg.embed.text):
         raise ConfigError("embed.image and embed.text are both false: nothing to embed")
-    if cfg.embed.decode == "device":
+    if cfg.embed.decode == "device" or cfg.embed.preprocess == "uint8":
         from pipeline.embed.devicedecode import check_config
 
         check_config(cfg)  # a family without open_clip's preprocess config exits 2 before any work

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -18,10 +17,13 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import RawSample
 from pipeline.embed.decode import BatchDecoder
-from pipeline.embed.devicedecode import DeviceDecoder, DevicePreprocess, check_config, probe_jpeg
+from pipeline.embed.devicedecode import DeviceDecoder, check_config, probe_jpeg
+from pipeline.embed.hostdecode import HostDecoder
 from pipeline.embed.runner import embed_worker, get_model, run_shard
+from pipeline.embed.transform import PixelTransform
 from pipeline.models import EmbeddingModel
 from tests.support.helpers import hostile_samples, jpeg_bytes, load_shard, overrides, write_tar
+from tests.support.jpegs import WHOLE, encode, photo, special_jpegs
 
 LIMIT = 10_000_000
 # The CPU device decodes with the same libjpeg-turbo as Pillow (bit-identical pixels, checked below), so the
@@ -35,81 +37,24 @@ MAX_LEVELS = 2  # per-pixel difference of the preprocessed images, in 0..255 uni
 CUDA_COSINE = 0.99
 
 
-def _encode(img: Image.Image, fmt: str = "JPEG", **kw: Any) -> bytes:
-    b = io.BytesIO()
-    img.save(b, fmt, **kw)
-    return b.getvalue()
-
-
-def _photo(w: int, h: int, seed: int) -> Image.Image:
-    """Smooth structure plus noise: something a resize filter has to work on, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    arr = np.stack([np.sin(x / (7 + seed % 5) + c) * np.cos(y / 9 - c) for c in (0, 1, 2)], -1) * 90 + 128
-    return Image.fromarray((arr + rng.normal(0, 15, arr.shape)).clip(0, 255).astype(np.uint8))
-
-
-def _with_sof(data: bytes, marker: int) -> bytes:
-    i = data.index(b"\xff\xc0")
-    return data[: i + 1] + bytes([marker]) + data[i + 2 :]
-
-
-def _with_size(data: bytes, w: int, h: int) -> bytes:
-    i = data.index(b"\xff\xc0") + 5  # FF C0, length (2), precision (1), then height, width
-    return data[:i] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + data[i + 4 :]
-
-
-def _bad_scan_component(data: bytes) -> bytes:
-    i = data.index(b"\xff\xda") + 5  # FF DA, length (2), component count (1), first component selector
-    return data[:i] + b"\x09" + data[i + 1 :]
-
-
-def _adobe_rgb(data: bytes) -> bytes:
-    app14 = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # transform 0: samples are RGB, not YCbCr
-    return data[:2] + app14 + data[2:]
-
-
-WHOLE = ("baseline", "progressive", "subsampling_444", "exif_upright", "trailing_zeros")
-
-
-def special_jpegs() -> dict[str, tuple[bytes, bool]]:
-    """name -> (bytes, whether the device may take it); everything else must go to decode_image."""
-    base_img = _photo(90, 60, 1)
-    base = _encode(base_img, quality=90)
-    exif1, exif6 = Image.Exif(), Image.Exif()
-    exif1[0x0112], exif6[0x0112] = 1, 6
-    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
-    return {
-        "baseline": (base, True),
-        "progressive": (_encode(base_img, progressive=True), True),
-        "subsampling_444": (_encode(base_img, subsampling=0), True),
-        "exif_upright": (_encode(base_img, exif=exif1), True),
-        "trailing_zeros": (base + b"\x00" * 100, True),
-        "cut_then_end_marker": (base[: len(base) // 2] + b"\xff\xd9", True),  # libjpeg and Pillow: a warning, ok
-        "bad_scan_header": (_bad_scan_component(base), True),  # passes the probe, the device refuses it
-        "exif_rotated": (_encode(base_img, exif=exif6), False),
-        "xmp_rotated": (_encode(base_img, xmp=xmp), False),
-        "grayscale": (_encode(base_img.convert("L")), False),
-        "cmyk": (_encode(base_img.convert("CMYK")), False),
-        "adobe_rgb": (_adobe_rgb(base), False),
-        "arithmetic": (_with_sof(base, 0xC9), False),
-        "lossless": (_with_sof(base, 0xC3), False),
-        "mpo": (_encode(base_img, "MPO", save_all=True, append_images=[_photo(90, 60, 2)]), False),
-        "truncated": (base[: len(base) // 2], False),
-        "trailing_garbage": (base + b"garbage", False),
-        "over_pixel_limit": (_with_size(base, 5000, 5000), False),
-        "png": (_encode(base_img, "PNG"), False),
-    }
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model: dict[str, str]) -> EmbeddingModel:
     return get_model(load_config(overrides(tiny_model)))
 
 
 def _decoders(model: EmbeddingModel, **kw: Any) -> tuple[BatchDecoder, BatchDecoder]:
+    """The model path (Pillow + the model's own preprocess) and the device path with its uint8 host fallbacks."""
     args = (model.preprocess, model.tokenize, LIMIT, (255, 255, 255))
-    return BatchDecoder(*args), BatchDecoder(*args, device=DeviceDecoder(model, **kw))
+    transform = PixelTransform(model.preprocess_info(), model.device)
+    host = HostDecoder(transform, LIMIT, None, pin=model.device.type == "cuda")
+    return BatchDecoder(*args), BatchDecoder(*args, device=DeviceDecoder(transform, **kw), host=host)
+
+
+def _model_batch(dec: BatchDecoder, samples: list[RawSample]) -> Any:
+    """The decoded batch with its pixels as encode_image takes them (the uint8 ones normalized on the device)."""
+    batch = dec("0", samples)
+    batch.pixels = dec.model_input(batch.pixels)
+    return batch
 
 
 def _comparable(rows: list[Any]) -> list[tuple[Any, ...]]:
@@ -143,9 +88,9 @@ def test_cpu_device_decode_is_libjpeg_exactly() -> None:
 
 def test_device_pixels_and_embeddings_match_the_pil_path(model: EmbeddingModel) -> None:
     sizes = [(300, 300), (640, 480), (48, 40), (1000, 333), (20, 30), (333, 1000), (31, 32), (257, 129)]
-    samples = [RawSample(f"{i}", i, _encode(_photo(w, h, i), quality=85), b"c") for i, (w, h) in enumerate(sizes)]
+    samples = [RawSample(f"{i}", i, encode(photo(w, h, i), quality=85), b"c") for i, (w, h) in enumerate(sizes)]
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert b.device_decoded == len(samples) and a.image_rows == b.image_rows == list(range(len(samples)))
     assert _comparable(a.rows) == _comparable(b.rows)
     std = torch.tensor(model.preprocess_info()["std"]).view(1, 3, 1, 1)
@@ -163,29 +108,29 @@ def test_statuses_are_the_cpu_paths_for_every_special_and_hostile_sample(model: 
         samples.append(RawSample(k, len(samples), image, fields.get("txt")))
     samples.append(RawSample("read_error", len(samples), jpeg_bytes(3), b"c", error="tar broke here"))
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert _comparable(a.rows) == _comparable(b.rows)
     assert [r.caption_status for r in a.rows] == [r.caption_status for r in b.rows]
     assert a.image_rows == b.image_rows and a.text_rows == b.text_rows
     assert {r.status for r in b.rows} >= {"ok", "decode_error", "too_large", "empty_image", "no_image", "read_error"}
-    # The plain JPEGs of both lists were decoded on the device, all but the one whose scan header it refuses.
-    expected = (
-        sum(on for _, on in specials.values())
-        - 1
-        + sum(1 for k, f in hostile_samples() if k in ("ok", "nocaption", "badutf8", "bigcaption"))
+    # The plain JPEGs of both lists were decoded on the device.
+    expected = sum(on for _, on in specials.values()) + sum(
+        1 for k, f in hostile_samples() if k in ("ok", "nocaption", "badutf8", "bigcaption")
     )
     assert b.device_decoded == expected
     cos = (model.encode_image(a.pixels) * model.encode_image(b.pixels)).sum(1)
     assert cos.min().item() >= CPU_COSINE
 
 
-def test_a_sample_the_device_refuses_takes_the_cpu_path(model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sample_the_device_refuses_takes_the_host_path(
+    model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Like nvjpeg refusing a file libjpeg reads: the batch call fails, then only that sample falls back."""
     import pipeline.embed.devicedecode as dd
 
     real = dd.decode_jpeg
     calls: list[int] = []
-    refused = _encode(_photo(50, 50, 9), quality=70)
+    refused = encode(photo(50, 50, 9), quality=70)
 
     def picky(data: Any, **kw: Any) -> Any:
         calls.append(len(data))
@@ -197,10 +142,12 @@ def test_a_sample_the_device_refuses_takes_the_cpu_path(model: EmbeddingModel, m
     samples = [RawSample(str(i), i, jpeg_bytes(i, (40, 30)), None) for i in range(3)]
     samples.insert(1, RawSample("refused", 1, refused, None))
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert calls == [4, 1, 1, 1, 1]  # the batch, then one call per sample
     assert b.device_decoded == 3 and _comparable(a.rows) == _comparable(b.rows)
-    assert torch.equal(a.pixels[1], b.pixels[1])  # the fallback is the CPU path's own tensor
+    assert dev.host is not None
+    own = dev.host.fast_jpeg(refused)  # the fallback is the host path's own crop
+    assert own is not None and torch.equal(b.pixels[1], dev.model_input(own[0][None])[0])
 
 
 def test_pixel_budget_splits_decode_calls(model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,37 +165,9 @@ def test_pixel_budget_splits_decode_calls(model: EmbeddingModel, monkeypatch: py
     assert calls == [5, 2, 2, 1] and torch.equal(a.pixels, b.pixels)
 
 
-@pytest.mark.parametrize(
-    "size,resize_mode,interpolation",
-    [
-        (32, "shortest", "bicubic"),
-        (32, "shortest", "bilinear"),
-        ((24, 40), "shortest", "bicubic"),
-        (32, "squash", "bilinear"),
-        (32, "longest", "bicubic"),
-        ((40, 24), "longest", "bicubic"),
-    ],
-)
-def test_resize_modes_follow_open_clip(size: Any, resize_mode: str, interpolation: str) -> None:
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    ref = open_clip.image_transform(
-        size, is_train=False, mean=mean, std=std, resize_mode=resize_mode, interpolation=interpolation, fill_color=7
-    )
-    info = {"size": size, "mean": mean, "std": std, "resize_mode": resize_mode, "interpolation": interpolation}
-    pre = DevicePreprocess({**info, "fill_color": 7}, torch.device("cpu"))
-    for i, (w, h) in enumerate([(100, 60), (60, 100), (33, 33), (17, 90)]):
-        img = _photo(w, h, i)
-        want = ref(img)
-        u8 = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).contiguous()
-        got = pre.normalize(pre.resize_crop(u8)[None])[0]
-        assert got.shape == want.shape
-        levels = ((got - want).abs() * torch.tensor(std).view(3, 1, 1) * 255).amax().item()
-        assert levels <= MAX_LEVELS + 0.01, (w, h, levels)
-
-
 def test_run_shard_device_decode_equals_cpu_path(tmp_path: Path, tiny_model: dict[str, str]) -> None:
     samples = [
-        (f"{i:04d}", {"jpg": _encode(_photo(40 + 13 * i, 30 + 7 * i, i), quality=88), "txt": f"thing {i}".encode()})
+        (f"{i:04d}", {"jpg": encode(photo(40 + 13 * i, 30 + 7 * i, i), quality=88), "txt": f"thing {i}".encode()})
         for i in range(9)
     ] + hostile_samples()
     tar = write_tar(tmp_path / "00000.tar", samples)
@@ -303,7 +222,7 @@ def test_unsupported_combinations_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no open_clip preprocess config"):
         run_shard(task, _NoPreprocessConfig(), cfg.embed)
     with pytest.raises(ConfigError, match="resize_mode 'crop'"):
-        DevicePreprocess({"size": 8, "mean": 0.5, "std": 0.5, "resize_mode": "crop"}, torch.device("cpu"))
+        PixelTransform({"size": 8, "mean": 0.5, "std": 0.5, "resize_mode": "crop"}, torch.device("cpu"))
     with pytest.raises(ConfigError, match="embed.decode"):
         load_config(["embed.decode=gpu"])
 
@@ -316,9 +235,9 @@ def test_cuda_nvjpeg_decode_matches_the_pil_path(tiny_model: dict[str, str]) -> 
     model = get_model(cfg)
     specials = special_jpegs()
     samples = [RawSample(k, i, d, b"c") for i, (k, (d, _)) in enumerate(specials.items())]
-    samples += [RawSample(f"p{i}", 100 + i, _encode(_photo(200 + 40 * i, 150 + 30 * i, i)), b"c") for i in range(8)]
+    samples += [RawSample(f"p{i}", 100 + i, encode(photo(200 + 40 * i, 150 + 30 * i, i)), b"c") for i in range(8)]
     cpu, dev = _decoders(model)
-    a, b = cpu("0", samples), dev("0", samples)
+    a, b = _model_batch(cpu, samples), _model_batch(dev, samples)
     assert b.pixels.device.type == "cuda" and b.pixels.is_contiguous(memory_format=torch.channels_last)
     # nvjpeg must refuse what libjpeg refuses (or decode it, when Pillow does too): the statuses stay the CPU path's.
     assert _comparable(a.rows) == _comparable(b.rows)

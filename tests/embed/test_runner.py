@@ -150,13 +150,15 @@ def test_decode_threads_take_idle_priority_beside_a_cpu_model(
     model = get_model(cfg)
     assert model.device.type == "cpu"
     policies: set[int] = set()
-    preprocess = model.preprocess
+    import pipeline.embed.hostdecode as hostdecode
 
-    def spy(img: Image.Image) -> torch.Tensor:
+    decode = hostdecode.decode_reduced  # what each plain JPEG goes through with embed.preprocess=auto
+
+    def spy(*args: object) -> object:
         policies.add(os.sched_getscheduler(0))  # the calling decode thread's own policy
-        return preprocess(img)
+        return decode(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(model, "preprocess", spy)
+    monkeypatch.setattr(hostdecode, "decode_reduced", spy)
     tar = write_tar(tmp_path / "00000.tar", [(f"{i:04d}", {"jpg": jpeg_bytes(i), "txt": b"a"}) for i in range(12)])
     stats = run_shard(ShardTask("00000", str(tar), str(tmp_path / "out"), "webdataset"), model, cfg.embed)
     assert stats["ok"] == 12
