@@ -176,8 +176,8 @@ def cosine(args: argparse.Namespace, shards: dict[str, str], model: Any, decoder
     """Embeddings of the uint8 path against open_clip's preprocess of the same (upright) image."""
     import torch
 
+    from pipeline.core.images import decode_image
     from pipeline.embed.batch import RawSample
-    from pipeline.embed.decode import decode_image
 
     dec = decoders["uint8"]
     torch.set_num_threads(os.cpu_count() or 1)

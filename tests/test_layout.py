@@ -7,8 +7,6 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "pipeline"
 STAGES = {"download", "embed", "index", "dedup", "query"}
@@ -86,7 +84,6 @@ def test_distributors_import_no_stage() -> None:
     assert {m: d for m, d in bad.items() if d} == {}
 
 
-@pytest.mark.xfail(strict=True, reason="query decodes query images with embed/decode.py's policy (moving to core)")
 def test_stages_meet_only_at_the_seams() -> None:
     graph = imports()
     crossings = sorted(

@@ -1,7 +1,7 @@
 """JPEG headers read without decoding (which files libjpeg-turbo or the device may take instead of Pillow) and
 libjpeg-turbo decoding at a reduced DCT scale (simplejpeg) for the host fast path.
 
-Conservative by design: a file this module refuses, or fails to decode, takes `decode.decode_image`, whose policy
+Conservative by design: a file this module refuses, or fails to decode, takes `core.images.decode_image`, whose policy
 (statuses, EXIF, modes, pixel limit) thereby stays the only one. A file it accepts is one Pillow opens the same way.
 """
 
@@ -15,21 +15,13 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from pipeline.core.images import TRANSPOSE
+
 # Huffman-coded baseline, extended sequential and progressive: what both libjpeg-turbo's fast path and nvjpeg
 # decode. Lossless, arithmetic-coded and hierarchical files (the other SOF markers) are left to Pillow.
 HUFFMAN_SOF = (0xC0, 0xC1, 0xC2)
 ANY_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 DHT, SOS, DQT, DRI, COM, APP0, APP1, APP2, APP14 = 0xC4, 0xDA, 0xDB, 0xDD, 0xFE, 0xE0, 0xE1, 0xE2, 0xEE
-# What ImageOps.exif_transpose does for each EXIF orientation (decode_image applies it).
-TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 SWAPS_SIDES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
                          Image.Transpose.ROTATE_90})  # fmt: skip
 

@@ -193,7 +193,7 @@ class Searcher:
 
 
 def _load_image(image: str | Image.Image) -> Image.Image:
-    from pipeline.embed.decode import decode_image, to_rgb
+    from pipeline.core.images import decode_image, to_rgb
     from pipeline.web.fetch import FetchPolicy, fetch
 
     if not isinstance(image, str):
@@ -224,7 +224,7 @@ def query_cli(
     cfg: Config, text: list[str] | None = None, image: list[str] | None = None, key: list[str] | None = None
 ) -> str:
     """`clipline query input=INDEX_DIR (--text T | --image PATH_OR_URL | --key KEY)...`: the text to print."""
-    from pipeline.embed.decode import SampleError
+    from pipeline.core.images import SampleError
     from pipeline.models import ModelLoadError
 
     require(cfg, "input")

@@ -50,7 +50,7 @@ def read_tar_images(tar_url: str, keys: Iterable[str]) -> dict[str, bytes]:
 
 def thumbnail(data: bytes, size: int = THUMB_PX) -> Any:
     """A PIL thumbnail of image bytes (RGB, at most size x size)."""
-    from pipeline.embed.decode import decode_image
+    from pipeline.core.images import decode_image
 
     img = decode_image(data, MAX_PIXELS)
     img.thumbnail((size, size))
@@ -59,7 +59,7 @@ def thumbnail(data: bytes, size: int = THUMB_PX) -> Any:
 
 def thumbnail_uri(data: bytes, size: int = THUMB_PX) -> str | None:
     """A JPEG data URI of the image's thumbnail; None when the bytes do not decode."""
-    from pipeline.embed.decode import SampleError
+    from pipeline.core.images import SampleError
 
     try:
         img = thumbnail(data, size)

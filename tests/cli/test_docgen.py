@@ -154,9 +154,9 @@ def test_format_documents_every_metadata_column_with_its_type() -> None:
 
 
 def test_format_documents_every_status_value() -> None:
-    source = (ROOT / "pipeline" / "embed" / "decode.py").read_text() + (
-        ROOT / "pipeline" / "embed" / "reader.py"
-    ).read_text()
+    source = "".join(
+        (ROOT / "pipeline" / p).read_text() for p in ("core/images.py", "embed/decode.py", "embed/reader.py")
+    )
     statuses = set(re.findall(r'SampleError\("(\w+)"', source)) | set(
         re.findall(r'row\.status, row\.error = "(\w+)"', source)
     )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.embed.decode import SampleError, decode_caption, decode_image, to_rgb
+from pipeline.core.images import SampleError, decode_image, to_rgb
+from pipeline.embed.decode import decode_caption
 
 LIMIT = 10_000_000
 

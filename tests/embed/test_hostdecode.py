@@ -15,9 +15,10 @@ from PIL import Image
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
+from pipeline.core.images import decode_image
 from pipeline.core.tasks import ShardTask
 from pipeline.embed.batch import RawSample
-from pipeline.embed.decode import BatchDecoder, decode_image
+from pipeline.embed.decode import BatchDecoder
 from pipeline.embed.devicedecode import check_config
 from pipeline.embed.hostdecode import HostDecoder
 from pipeline.embed.runner import get_model, make_decoder, run_shard, uses_uint8

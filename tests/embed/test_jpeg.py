@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.embed.decode import SampleError, decode_image
+from pipeline.core.images import SampleError, decode_image
 from pipeline.embed.jpeg import JpegPlan, decode_reduced, plan_host_decode, read_header
 from tests.support.helpers import hostile_samples, jpeg_bytes
 from tests.support.jpegs import encode, exif_oriented, photo, special_jpegs

@@ -125,7 +125,7 @@ def test_memory_filesystem_in_and_out(cfg) -> None:
 
 def test_draft_decode_of_large_jpeg_stays_within_tolerance(cfg) -> None:
     """Pillow's reduced-scale JPEG decode gives (nearly) the same embedding as a full decode."""
-    from pipeline.embed.decode import decode_image
+    from pipeline.core.images import decode_image
 
     model = get_model(cfg)
     y, x = np.mgrid[0:1536, 0:2048].astype(np.float32)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # every test queries one built index (tiny model 
 def index_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, str]) -> Path:
     """Two shards of random 32-d vectors with two planted samples: one whose image embedding is the tiny model's
     embedding of CAPTION, one whose image embedding is that of a JPEG on disk."""
-    from pipeline.embed.decode import decode_image
+    from pipeline.core.images import decode_image
     from pipeline.models import load_model, model_fingerprint
 
     tmp = tmp_path_factory.mktemp("search")
