@@ -237,7 +237,7 @@ def test_report_on_a_foreign_folder(folders: dict[str, Any], tmp_path: Path) -> 
 
     f = folders["parquet-list-f16"]
     text = report_cli(f.cfg(f"output={tmp_path / 'rep'}"))
-    assert (tmp_path / "rep" / "index.html").exists() and "error" not in text, text
+    assert (tmp_path / "rep" / "report.html").exists() and "error" not in text, text
 
 
 @pytest.mark.slow
@@ -251,7 +251,7 @@ def test_spark_index_build_of_a_clip_retrieval_folder(
     caplog.set_level(logging.INFO, logger="autofaiss")
     f, ref_folder = folders["clip-retrieval"], folders["clipline"]
     common = ["index.modalities=[image]", "index.index_key=IVF4,Flat", "index.recall_queries=50", "index.nb_cores=1"]
-    spark = ["distributor=spark", "spark.master=local[2]", "index.distributed=true", "embeddings.chunk_rows=25"]
+    spark = ["distributor=spark", "spark.master=local[2]", "embeddings.chunk_rows=25"]
     mine = build(f.cfg(f"output={tmp_path / 'mine'}", *common, *spark, "embeddings.record_model=false"))
     ref = build(ref_folder.cfg(f"output={tmp_path / 'ref'}", *common))
     assert mine["image"]["vectors"] == ref["image"]["vectors"] == 180
