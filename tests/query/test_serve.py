@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
-import importlib.util
 import json
 import logging
 import os
@@ -19,50 +18,27 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
 from pipeline.index.stage import build
-from pipeline.query.clipback import ClipBack, KnnRequest, RequestError, near_duplicates
-from pipeline.query.serve import ClipBackServer, make_server, serve_cli
+from pipeline.query.backserver import ClipBackServer
+from pipeline.query.clipback import ClipBack, KnnRequest
+from pipeline.query.serve import make_server, serve_cli
 from tests.query.conftest import CAPTION, DUPLICATE_KEYS, IMAGE_KEY, NO_IMAGE_KEY, QUERY_JPEG, TEXT_KEY
-from tests.support.foreign import make_samples, near_copy, write_clip_retrieval
-from tests.support.helpers import overrides, random_unit
+from tests.support.clipretrieval import NAME, clip_client_body, clip_client_module, front_body
+from tests.support.foreign import make_samples, write_clip_retrieval
+from tests.support.helpers import overrides
 from tests.support.webservers import WebServer, png_header, watched_fifo, web_server
 
-NAME = "clipline"
 slow = pytest.mark.slow  # these share one built index (tiny model + autofaiss, ~15 s) and servers over it
 
 
 # ---- clients --------------------------------------------------------------------------------------------------
-
-
-def clip_client_body(**query: Any) -> dict[str, Any]:
-    """What ClipClient.query posts with its defaults (text=, image= as base64, image_url= or embedding_input=)."""
-    body = {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
-            "use_safety_model": True, "use_violence_detector": True, "indice_name": NAME, "use_mclip": False,
-            "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 40,
-            "num_result_ids": 40}  # fmt: skip
-    body.update(query)
-    if "num_images" in query and "num_result_ids" not in query:
-        body["num_result_ids"] = query["num_images"]  # ClipClient sends num_result_ids = num_images
-    return body
-
-
-def front_body(**query: Any) -> dict[str, Any]:
-    """What clip-retrieval's front end posts (its callClip: 40 images shown, 3000 result ids, filters on)."""
-    body = {"text": None, "image": None, "image_url": None, "embedding_input": None, "modality": "image",
-            "num_images": 40, "indice_name": NAME, "num_result_ids": 3000, "use_mclip": False, "deduplicate": True,
-            "use_safety_model": True, "use_violence_detector": True, "aesthetic_score": "",
-            "aesthetic_weight": "0.5"}  # fmt: skip
-    body.update(query)
-    return body
 
 
 def call(url: str, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any, dict]:
@@ -275,38 +251,6 @@ def test_deduplicate(server: ClipBackServer, ids: dict[str, dict[str, int]]) -> 
     assert [r["id"] for r in deduped] == [r["id"] for r in plain if r["id"] != second]
 
 
-def test_near_duplicates_are_connected_components() -> None:
-    a = random_unit(1, 32, 0)[0]
-    b = near_copy(a, 0.96, 1)
-    c = near_copy(b, 0.96, 2)  # near b, not near a: dropped with b, as clip back's components drop it
-    d = random_unit(1, 32, 3)[0]
-    x = np.stack([a, d, b, c])
-    assert float(a @ c) < 0.94
-    assert near_duplicates(x).tolist() == [False, False, True, True]
-    many = np.repeat(x[:1], 700, axis=0)  # more rows than one block of comparisons
-    assert near_duplicates(many, block=256).tolist() == [False] + [True] * 699
-
-
-def test_request_parsing() -> None:
-    req = KnnRequest.parse(front_body(text="", image="aGk=", num_result_ids=60, num_images=7), 100)
-    assert (req.kind, req.query, req.num_images, req.num_result_ids, req.deduplicate) == ("image", "aGk=", 7, 60, True)
-    assert KnnRequest.parse({"text": "a", "indice_name": None}, 100).indice_name is None  # then the first index
-    for body, message in [
-        ([], "JSON object"),
-        ({"text": 3}, "expected a string"),
-        ({}, "give one of"),
-        ({"text": "a", "modality": "video"}, "modality"),
-        ({"text": "a", "num_images": "ten"}, "num_images"),
-        ({"text": "a", "num_images": True}, "num_images"),
-        ({"text": "a", "num_result_ids": 101}, "serve.max_results=100"),
-        ({"text": "a", "deduplicate": "yes"}, "deduplicate"),
-        ({"text": "a", "use_mclip": True}, "use_mclip"),
-        ({"text": "a", "indice_name": 5}, "indice_name"),
-    ]:
-        with pytest.raises(RequestError, match=message):
-            KnnRequest.parse(body, 100)
-
-
 @slow
 def test_bad_requests_are_answered_4xx(server: ClipBackServer) -> None:
     assert refused(server, "/knn-service", raw=b"{not json")[0] == 400
@@ -334,8 +278,18 @@ def test_request_size_and_result_count_caps(server: ClipBackServer, index_dir: P
         big = clip_client_body(image=base64.b64encode(os.urandom(6000)).decode())
         status, message = refused(capped, "/knn-service", big)  # answered, not reset, although the body is unread
         assert status == 413 and "serve.max_request_bytes=4096" in message
-        chunked = b"POST /knn-service HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n"
+        chunked = b'POST /knn-service HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n'
         assert raw_exchange(capped, chunked).startswith(b"HTTP/1.0 411")
+    with variant(server, index_dir, "serve.max_connections=1") as single:
+        with socket.create_connection(single.server_address[:2]):  # accepted first, says nothing: holds the slot
+            status, message = refused(single, "/knn-service", clip_client_body(text="a"))
+            assert status == 503 and "serve.max_connections" in message
+        for _ in range(200):  # the slot is given back once its handler sees that connection end
+            if call(single.url, "GET", "/indices-list")[0] == 200:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the connection slot was never given back")
 
 
 class _StuckAPI:
@@ -367,17 +321,17 @@ def test_every_request_has_one_deadline(server: ClipBackServer, index_dir: Path,
         assert status in (502, 503) and "timed out" in message
         assert time.monotonic() - t0 < 3
         t0 = time.monotonic()  # a client that stops sending its body
-        answer = raw_exchange(quick, b"POST /knn-service HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"text\":")
+        answer = raw_exchange(quick, b'POST /knn-service HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"text":')
         assert answer.startswith(b"HTTP/1.0 408") and time.monotonic() - t0 < 4
 
 
 @slow
 def test_one_log_line_per_request(server: ClipBackServer, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="pipeline.query.serve"):
+    with caplog.at_level(logging.INFO, logger="pipeline.query.backserver"):
         call(server.url, "GET", "/indices-list")
         knn(server, clip_client_body(text=CAPTION, num_images=1))
         refused(server, "/knn-service", clip_client_body(text="a", indice_name="nope"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.query.serve"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.query.backserver"]
     assert len(lines) == 3
     assert '"GET /indices-list HTTP/1.1" 200' in lines[0]
     assert '"POST /knn-service HTTP/1.1" 200' in lines[1] and "text -> clipline/image k=1" in lines[1]
@@ -497,25 +451,6 @@ def test_clipline_serve_command_until_sigint(index_dir: Path, repo_root: Path) -
 
 
 # ---- ClipClient itself ----------------------------------------------------------------------------------------
-
-
-def clip_client_module() -> ModuleType:
-    """clip_retrieval/clip_client.py: from an installed clip-retrieval, or the file CLIP_CLIENT_PY names (e.g. from
-    `pip download clip-retrieval --no-deps`, unzipped). It imports only requests and the standard library, so it
-    is loaded alone, without clip-retrieval's package __init__ and its pinned dependencies."""
-    path = os.environ.get("CLIP_CLIENT_PY")
-    if not path:
-        spec = importlib.util.find_spec("clip_retrieval")
-        if spec is not None and spec.submodule_search_locations:
-            path = os.path.join(list(spec.submodule_search_locations)[0], "clip_client.py")
-    if not path or not os.path.isfile(path):
-        pytest.skip("clip-retrieval's clip_client.py is not here (install clip-retrieval or set CLIP_CLIENT_PY)")
-    pytest.importorskip("requests")
-    spec = importlib.util.spec_from_file_location("clip_client_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @slow
