@@ -63,8 +63,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.count(self.code)
                 ms = (time.monotonic() - self.started) * 1000
                 note = f" {self.note}" if self.note else ""
-                log.info('%s "%s" %d %d B %.0f ms%s', self.client_address[0], self.requestline, self.code,
-                         self.size, ms, note)  # fmt: skip
+                log.info(
+                    '%s "%s" %d %d B %.0f ms%s',
+                    self.client_address[0],
+                    self.requestline,
+                    self.code,
+                    self.size,
+                    ms,
+                    note,
+                )
 
     def _linger(self) -> None:
         """Half-close, then read what the client still sends: closing with unread data would reset the
@@ -138,6 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError("a chunked request body is not read here: send it with a Content-Length", 411)
         declared = (self.headers.get("Content-Length") or "").strip()
         if not declared.isdigit():
+            self.unread = LINGER_BYTES  # a body may still come, delimited by the connection's end
             raise RequestError("a request body needs a Content-Length", 411)
         n = int(declared)
         if n > cap:
@@ -215,8 +223,11 @@ class ClipBackServer(ThreadingHTTPServer):
             return future.result(timeout=max(0.0, deadline - time.monotonic()) + WAIT_MARGIN_S)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise RequestError(f"not answered within serve.timeout_s={self.settings.timeout_s:g}s (waiting for a "
-                               "worker, fetching, embedding and searching)", 503) from None  # fmt: skip
+            raise RequestError(
+                f"not answered within serve.timeout_s={self.settings.timeout_s:g}s (waiting for a "
+                "worker, fetching, embedding and searching)",
+                503,
+            ) from None
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
@@ -248,8 +259,9 @@ class ClipBackServer(ThreadingHTTPServer):
             _drain(request, 0.2)
         except OSError:
             pass
-        log.warning("%s: answered 503, %d connections already being answered (serve.max_connections)",
-                    client_address[0], n)  # fmt: skip
+        log.warning(
+            "%s: answered 503, %d connections already being answered (serve.max_connections)", client_address[0], n
+        )
         self.count(503)
         self.shutdown_request(request)
 

@@ -162,8 +162,13 @@ class ClipBack:
     def _fetch(self, url: str, deadline: float) -> bytes:
         try:
             return fetch(url, self.policy, deadline).body
+        except FetchTimeout:
+            raise RequestError(
+                f"image_url: timed out: not fetched within the request's serve.timeout_s={self.settings.timeout_s:g}s",
+                504,
+            ) from None
         except FetchError as e:  # refused by policy: the request's fault (400); the server's failure: 502
-            upstream = isinstance(e, (HTTPStatusError, ConnectionFailed, FetchTimeout))
+            upstream = isinstance(e, (HTTPStatusError, ConnectionFailed))
             raise RequestError(f"image_url: {e}", 502 if upstream else 400) from None
 
     def metadata(self, body: Any) -> list[dict[str, Any]]:
@@ -194,8 +199,9 @@ def _embedding(values: Any, searcher: Searcher) -> np.ndarray:
     except OverflowError:
         raise RequestError("embedding_input: numbers out of range") from None
     if len(x) != searcher.index.d:
-        raise RequestError(f"embedding_input: {len(x)} numbers, the {searcher.modality} index holds "
-                           f"{searcher.index.d}-d vectors")  # fmt: skip
+        raise RequestError(
+            f"embedding_input: {len(x)} numbers, the {searcher.modality} index holds {searcher.index.d}-d vectors"
+        )
     if not np.isfinite(x).all():
         raise RequestError("embedding_input: every number must be finite")
     return x[None]

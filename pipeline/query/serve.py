@@ -38,8 +38,10 @@ def served_folders(cfg: Config) -> dict[str, str]:
             raise ConfigError(f"serve.indices.{name}: that name is input='s already (give it another serve.name)")
         folders[name] = folder
     if not folders:
-        raise ConfigError("missing required value: input= (an index folder, for example input=/data/emb/index) or "
-                          "serve.indices.NAME=FOLDER")  # fmt: skip
+        raise ConfigError(
+            "missing required value: input= (an index folder, for example input=/data/emb/index) or "
+            "serve.indices.NAME=FOLDER"
+        )
     return folders
 
 
@@ -52,12 +54,21 @@ def make_server(cfg: Config) -> ClipBackServer:
         except (FileNotFoundError, RuntimeError) as e:  # unreadable, or index and id map disagree
             raise ConfigError(f"serve: {name} ({folder}): {e}") from e
         for modality, s in served[-1].searchers.items():
-            log.info("%s: %s index of %d vectors (%s) from %s", name, modality, s.index.ntotal,
-                     s.info.get("index_key"), folder)  # fmt: skip
+            log.info(
+                "%s: %s index of %d vectors (%s) from %s",
+                name,
+                modality,
+                s.index.ntotal,
+                s.info.get("index_key"),
+                folder,
+            )
     server = ClipBackServer(ClipBack(served, cfg.serve), cfg.serve)
     if not _is_loopback(cfg.serve.host):
-        log.warning("serve.host=%s is not a loopback address: other machines can query these indices and make this "
-                    "one fetch image URLs, with no authentication", cfg.serve.host)  # fmt: skip
+        log.warning(
+            "serve.host=%s is not a loopback address: other machines can query these indices and make this "
+            "one fetch image URLs, with no authentication",
+            cfg.serve.host,
+        )
     return server
 
 

@@ -65,8 +65,9 @@ class ServedIndex:
                     s.model  # noqa: B018
         except (ConfigError, ModelLoadError) as e:
             if required:
-                raise ConfigError(f"serve: {self.name}: {e} (serve.require_model=false serves it for embedding_input "
-                                  "queries only)") from e  # fmt: skip
+                raise ConfigError(
+                    f"serve: {self.name}: {e} (serve.require_model=false serves it for embedding_input queries only)"
+                ) from e
             log.warning("serving %s for embedding_input queries only: %s", self.name, e)
             return str(e)
         return None
@@ -79,8 +80,9 @@ class ServedIndex:
     def embed(self, modality: str, text: str | None = None, image: Any = None) -> np.ndarray:
         """(1, d) query vector of a text or an RGB image, by the model of the index searched."""
         if self.model_error is not None:
-            raise RequestError(f"text and image queries need the model of {self.name}, which is not loaded: "
-                               f"{self.model_error}")  # fmt: skip
+            raise RequestError(
+                f"text and image queries need the model of {self.name}, which is not loaded: {self.model_error}"
+            )
         searcher = self.searcher(modality)
         with self._model_lock:
             return searcher.embed_text([text]) if text is not None else searcher.embed_images([image])
@@ -94,8 +96,10 @@ class ServedIndex:
         x = np.ascontiguousarray(vector, np.float32).reshape(1, -1)
         if deduplicate:
             if self.no_reconstruct[modality]:
-                raise RequestError(f"deduplicate: the {modality} index of {self.name} cannot give back its vectors "
-                                   f"({self.no_reconstruct[modality]}); send deduplicate=false")  # fmt: skip
+                raise RequestError(
+                    f"deduplicate: the {modality} index of {self.name} cannot give back its vectors "
+                    f"({self.no_reconstruct[modality]}); send deduplicate=false"
+                )
             sims, ids, vectors = index.search_and_reconstruct(x, k)
         else:
             sims, ids = index.search(x, k)
@@ -163,7 +167,7 @@ def near_duplicates(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD, blo
         if not len(i):
             continue
         a, b = np.concatenate([i + start, np.arange(n)]), np.concatenate([j, first])
-        _, comp = connected_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False)
+        _, comp = connected_components(coo_matrix((np.ones(len(a), bool), (a, b)), shape=(n, n)), directed=False)
         best = np.full(comp.max() + 1, n)
         np.minimum.at(best, comp, np.arange(n))
         first = best[comp]

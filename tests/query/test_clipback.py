@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.query.clipback import KnnRequest
+from pipeline.query.clipback import KnnRequest, _bounded_text
 from pipeline.query.served import RequestError
 from tests.support.clipretrieval import front_body
 
@@ -27,3 +27,10 @@ def test_request_parsing() -> None:
     ]:
         with pytest.raises(RequestError, match=message):
             KnnRequest.parse(body, 100)
+
+
+def test_long_text_is_bounded_before_the_tokenizer() -> None:
+    assert _bounded_text("a short query") == "a short query"
+    assert _bounded_text("x" * 1_000_000) == "x" * 256  # one endless word: BPE cost grows with its length squared
+    words = _bounded_text(" ".join(["word"] * 5000)).split()
+    assert len(words) == 1024 and set(words) == {"word"}  # far more than any tokenizer keeps

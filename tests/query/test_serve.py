@@ -308,34 +308,38 @@ class _StuckAPI:
 
 @slow
 def test_every_request_has_one_deadline(server: ClipBackServer, index_dir: Path, web: WebServer) -> None:
+    """Each answer below could only come from the deadline: the work, the image server and the client never end."""
     cfg = config(index_dir, "serve.timeout_s=1")
     stuck = _StuckAPI()
     with running(ClipBackServer(stuck, cfg.serve)) as stuck_server:  # type: ignore[arg-type]
-        t0 = time.monotonic()
         status, message = refused(stuck_server, "/knn-service", clip_client_body(text="a"))
-        assert status == 503 and "serve.timeout_s=1" in message and time.monotonic() - t0 < 2.5
+        assert status == 503 and "serve.timeout_s=1" in message and not stuck.release.is_set()
         stuck.release.set()
     with variant(server, index_dir, "serve.timeout_s=1", "serve.allow_private_addresses=true") as quick:
-        t0 = time.monotonic()
         status, message = refused(quick, "/knn-service", clip_client_body(image_url=f"{web.base}/stall"))
-        assert status in (502, 503) and "timed out" in message
-        assert time.monotonic() - t0 < 3
-        t0 = time.monotonic()  # a client that stops sending its body
+        assert status == 504 and "timed out" in message and "serve.timeout_s=1s" in message
         answer = raw_exchange(quick, b'POST /knn-service HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"text":')
-        assert answer.startswith(b"HTTP/1.0 408") and time.monotonic() - t0 < 4
+        assert answer.startswith(b"HTTP/1.0 408")  # a client that stops sending its body
 
 
 @slow
 def test_one_log_line_per_request(server: ClipBackServer, caplog: pytest.LogCaptureFixture) -> None:
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "pipeline.query.backserver"]
+
     with caplog.at_level(logging.INFO, logger="pipeline.query.backserver"):
         call(server.url, "GET", "/indices-list")
         knn(server, clip_client_body(text=CAPTION, num_images=1))
         refused(server, "/knn-service", clip_client_body(text="a", indice_name="nope"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.query.backserver"]
-    assert len(lines) == 3
-    assert '"GET /indices-list HTTP/1.1" 200' in lines[0]
-    assert '"POST /knn-service HTTP/1.1" 200' in lines[1] and "text -> clipline/image k=1" in lines[1]
-    assert '"POST /knn-service HTTP/1.1" 400' in lines[2] and CAPTION not in " ".join(lines)  # queries not logged
+        for _ in range(100):  # each line is written once its answer is sent: maybe after the client has read it
+            if len(lines()) >= 3:
+                break
+            time.sleep(0.02)
+    found = sorted(lines(), key=lambda line: ("GET" not in line, " 400 " in line))
+    assert len(found) == 3
+    assert '"GET /indices-list HTTP/1.1" 200' in found[0]
+    assert '"POST /knn-service HTTP/1.1" 200' in found[1] and "text -> clipline/image k=1" in found[1]
+    assert '"POST /knn-service HTTP/1.1" 400' in found[2] and CAPTION not in " ".join(found)  # queries not logged
 
 
 # ---- configuration, foreign embeddings, the command -----------------------------------------------------------
@@ -378,14 +382,27 @@ def test_index_of_foreign_embeddings_served_with_model_given(tmp_path: Path, tin
     data = make_samples(n_shards=2, per_shard=40, dim=32)
     folder = write_clip_retrieval(str(tmp_path / "cr"), data)
     fmt = ["embeddings.input_format=clip-retrieval", "embeddings.key_column=key"]
-    build(load_config([f"input={folder}", f"output={tmp_path / 'ix'}", "index.recall_queries=10",
-                       "embeddings.record_model=false", *fmt]))  # fmt: skip
+    build(
+        load_config(
+            [
+                f"input={folder}",
+                f"output={tmp_path / 'ix'}",
+                "index.recall_queries=10",
+                "embeddings.record_model=false",
+                *fmt,
+            ]
+        )
+    )
     served = [f"input={tmp_path / 'ix'}", "serve.name=cr", "serve.port=0", "serve.columns=[key, caption]"]
     with running(make_server(load_config([*served, *overrides(tiny_model), "model.pretrained=null"]))) as s:
         assert len(knn(s, clip_client_body(text="a photo", indice_name="cr", num_images=3))) == 3
         top = knn(s, clip_client_body(embedding_input=data.img["00000"][3].tolist(), indice_name="cr"))[0]
-        assert top == {"key": data.keys["00000"][3], "caption": data.captions["00000"][3], "id": 3,
-                       "similarity": pytest.approx(1, 1e-3)}  # fmt: skip
+        assert top == {
+            "key": data.keys["00000"][3],
+            "caption": data.captions["00000"][3],
+            "id": 3,
+            "similarity": pytest.approx(1, 1e-3),
+        }
     with pytest.raises(ConfigError, match="512-d"):  # model.* left at its default: ViT-B-32 is not the 32-d model
         make_server(load_config(served))
     with running(make_server(load_config([*served, "serve.require_model=false"]))) as s:

@@ -27,8 +27,13 @@ def test_near_duplicates_are_connected_components() -> None:
 
 def _ids(rows: list[tuple[str, int]]) -> SimpleNamespace:
     """What text_sample_ids reads of a Searcher: its id map and its index's size."""
-    table = pa.table({"id": pa.array(range(len(rows)), pa.int64()), "shard": [s for s, _ in rows],
-                      "row": pa.array([r for _, r in rows], pa.int32())})  # fmt: skip
+    table = pa.table(
+        {
+            "id": pa.array(range(len(rows)), pa.int64()),
+            "shard": [s for s, _ in rows],
+            "row": pa.array([r for _, r in rows], pa.int32()),
+        }
+    )
     return SimpleNamespace(ids=table, index=SimpleNamespace(ntotal=len(rows)))
 
 

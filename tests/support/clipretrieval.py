@@ -16,10 +16,22 @@ NAME = "clipline"  # the indice_name the tests serve under
 
 def clip_client_body(**query: Any) -> dict[str, Any]:
     """What ClipClient.query posts with its defaults (text=, image= as base64, image_url= or embedding_input=)."""
-    body = {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
-            "use_safety_model": True, "use_violence_detector": True, "indice_name": NAME, "use_mclip": False,
-            "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 40,
-            "num_result_ids": 40}  # fmt: skip
+    body = {
+        "text": None,
+        "image": None,
+        "image_url": None,
+        "embedding_input": None,
+        "deduplicate": True,
+        "use_safety_model": True,
+        "use_violence_detector": True,
+        "indice_name": NAME,
+        "use_mclip": False,
+        "aesthetic_score": 9,
+        "aesthetic_weight": 0.5,
+        "modality": "image",
+        "num_images": 40,
+        "num_result_ids": 40,
+    }
     body.update(query)
     if "num_images" in query and "num_result_ids" not in query:
         body["num_result_ids"] = query["num_images"]  # ClipClient sends num_result_ids = num_images
@@ -28,10 +40,22 @@ def clip_client_body(**query: Any) -> dict[str, Any]:
 
 def front_body(**query: Any) -> dict[str, Any]:
     """What clip-retrieval's front end posts (its callClip: 40 images shown, 3000 result ids, filters on)."""
-    body = {"text": None, "image": None, "image_url": None, "embedding_input": None, "modality": "image",
-            "num_images": 40, "indice_name": NAME, "num_result_ids": 3000, "use_mclip": False, "deduplicate": True,
-            "use_safety_model": True, "use_violence_detector": True, "aesthetic_score": "",
-            "aesthetic_weight": "0.5"}  # fmt: skip
+    body = {
+        "text": None,
+        "image": None,
+        "image_url": None,
+        "embedding_input": None,
+        "modality": "image",
+        "num_images": 40,
+        "indice_name": NAME,
+        "num_result_ids": 3000,
+        "use_mclip": False,
+        "deduplicate": True,
+        "use_safety_model": True,
+        "use_violence_detector": True,
+        "aesthetic_score": "",
+        "aesthetic_weight": "0.5",
+    }
     body.update(query)
     return body
 
