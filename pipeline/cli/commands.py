@@ -204,6 +204,29 @@ Example:
         spark="a query searches one index in this process",
     ),
     Command(
+        name="serve",
+        fn="pipeline.query.serve:serve_cli",
+        help="serve indices to clip-retrieval's ClipClient and front end (clip back's HTTP API)",
+        doc="""
+Answer clip-retrieval's `clip back` HTTP API over index folders made by `clipline index`, so
+ClipClient scripts and clip-retrieval's front end search them: GET /indices-list, POST
+/knn-service (text, image as base64 or image_url, embedding_input; num_images,
+num_result_ids, modality, deduplicate) and POST /metadata, with clip back's JSON shapes
+(docs/FORMAT.md, "Serving to clip-retrieval's tools"). Listens on 127.0.0.1:1234
+(serve.host, serve.port) until SIGINT or SIGTERM, logs one line per request, writes nothing.
+Bounded: serve.max_request_bytes, serve.max_results, serve.timeout_s per request; image_url
+is fetched under the download stage's rules (http/https only, no loopback or private
+address unless serve.allow_private_addresses=true).
+
+Example:
+  clipline serve input=/data/emb/index serve.name=laion
+  python -c 'from clip_retrieval.clip_client import ClipClient;
+    print(ClipClient("http://127.0.0.1:1234/knn-service", "laion").query(text="a cat"))'
+  clipline serve serve.indices.laion=/data/laion/index serve.indices.coco=/data/coco/index""",
+        writes_record=False,
+        spark="a server answers queries in this process",
+    ),
+    Command(
         name="run",
         fn="pipeline.run.chain:run",
         help="download -> embed -> index -> dedup from one config",

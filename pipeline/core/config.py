@@ -20,6 +20,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _check_networks(v: list[str]) -> list[str]:
+    import ipaddress
+
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as e:
+            raise ValueError(f"{item!r} is not an address or CIDR range ({e})") from None
+    return v
+
+
 class ModelConfig(_Section):
     """Which model embeds images and captions."""
 
@@ -127,14 +138,7 @@ class DownloadConfig(_Section):
     @field_validator("allow_networks")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as e:
-                raise ValueError(f"{item!r} is not an address or CIDR range ({e})") from None
-        return v
+        return _check_networks(v)
 
 
 class EmbedConfig(_Section):
@@ -295,6 +299,80 @@ class QueryConfig(_Section):
     format: Literal["table", "jsonl"] = Field("table", description="Output format.")
 
 
+class ServeConfig(_Section):
+    """Options of `clipline serve`: clip-retrieval's clip back API over index folders (docs/FORMAT.md, "Serving")."""
+
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address to listen on. Loopback unless set here: any other address (0.0.0.0 = every interface) "
+        "lets other machines query the indices and make this one fetch image URLs, with no authentication.",
+    )
+    port: int = Field(1234, ge=0, le=65535, description="TCP port (clip back's 1234); 0 = any free port (logged).")
+    name: str | None = Field(
+        None,
+        min_length=1,
+        description="The name input= is served under (requests' indice_name); None = its folder name.",
+    )
+    indices: dict[str, str] = Field(
+        default_factory=dict,
+        description="More index folders by name, served after input= (serve.indices.laion=/data/laion/index); "
+        "/indices-list lists the names in this order and the first answers requests that name none.",
+    )
+    columns: list[Literal["url", "caption", "key", "shard", "row"]] = Field(
+        ["url", "caption"],
+        description="Metadata given with each result and by /metadata (clip back's columns_to_return), from the "
+        "index's id map.",
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest request body (a base64 image counts 4/3 of its size); more: 413."
+    )
+    max_results: int = Field(
+        10_000,
+        ge=1,
+        description="Largest num_images and num_result_ids of a /knn-service request, and most ids of a /metadata "
+        "request; more is refused (400). clip-retrieval's front asks for 3,000 result ids, 10,000 to download.",
+    )
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds one request may take in all: reading it, waiting for a worker, fetching its image URL, "
+        "embedding and searching; past it the answer is 503 (a stalled client's connection is closed).",
+    )
+    workers: int = Field(2, ge=1, description="Requests embedded and searched at once; the others wait their turn.")
+    max_connections: int = Field(64, ge=1, description="Connections handled at once; more are answered 503 at once.")
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Query images whose header claims more pixels are refused before decoding."
+    )
+    max_image_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest image read from an image_url (stops reading there: 400)."
+    )
+    allow_private_addresses: bool = Field(
+        False,
+        description="Also fetch image_url from loopback and private addresses (as download.allow_private_addresses; "
+        "link-local and cloud metadata addresses are always refused).",
+    )
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="Addresses or CIDR ranges image_url may point to even though private (as download.allow_networks).",
+    )
+    cors_origin: str | None = Field(
+        "*",
+        description="Access-Control-Allow-Origin of every answer, so that clip-retrieval's front on another origin "
+        "can read them ('*', as clip back sends); None sends none (browsers then keep other origins' pages out).",
+    )
+    require_model: bool = Field(
+        True,
+        description="Exit 2 when an index's model cannot be loaded; false serves it anyway, for embedding_input "
+        "queries only (text and image queries are answered 400 with the reason).",
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        return _check_networks(v)
+
+
 class Config(_Section):
     """The whole resolved configuration; each stage reads only its own section."""
 
@@ -312,6 +390,7 @@ class Config(_Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     query: QueryConfig = Field(default_factory=QueryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
 
 

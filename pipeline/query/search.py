@@ -5,26 +5,8 @@ model.* recorded by `clipline index` for embeddings clipline did not write), els
 need none. The stored vector of a key query is read back from the embeddings the index was built from, with the
 format options the index recorded.
 
-Serving the same folder with clip-retrieval's `clip back` (checked against clip-retrieval's clip_back.py):
-`clip back --indices-paths indices_paths.json` reads a JSON object mapping a name to a folder, or to a dict of
-per-index options:
-
-    {"clipline": {"indice_folder": "/data/emb/index-clipback",
-                  "clip_model": "open_clip:ViT-B-32",
-                  "enable_faiss_memory_mapping": true,
-                  "columns_to_return": ["url", "caption", "key"]}}
-
-and expects in `indice_folder`: `image.index` and/or `text.index`, and `metadata/*.parquet` whose rows,
-concatenated in sorted file-name order, are the metadata of ids 0, 1, 2... It serves one metadata table for
-both indices, and it searches with `search_and_reconstruct`, which IVF indices only answer with a direct map.
-So, for a clip back folder:
-  * image.index: this folder's image.index; if its index_key has IVF, first run
-    `faiss.extract_index_ivf(index).make_direct_map()` and write it back (8 bytes per vector more);
-  * metadata/0.parquet: this folder's image_ids.parquet (already in id order; columns key, caption, url...);
-  * text.index only in its own folder with text_ids.parquet as metadata, because text ids number captioned
-    samples and image ids numbered samples whose image decoded, so the two id spaces differ;
-  * clip_model: clip back loads `open_clip:ARCH` with the last pretrained tag open_clip lists for ARCH and
-    cannot load a local checkpoint, so it only suits indices embedded with such a named model.
+clip-retrieval's `ClipClient` and front end query the same folder through `clipline serve` (pipeline/query/serve.py),
+which speaks clip back's HTTP API over Searchers.
 """
 
 from __future__ import annotations
@@ -151,25 +133,43 @@ class Searcher:
             }
         )
 
-    def search_text(self, texts: list[str], k: int = 10) -> pd.DataFrame:
-        """Embed texts with the index's text tower, then search."""
+    def share_model(self, other: Searcher) -> bool:
+        """Use `other`'s loaded model when both indices name the same one (a folder's image and text indices): one
+        copy of the weights. False, and nothing shared, when they differ or `other` has loaded none."""
+        mine, theirs = self.info["embed"], other.info["embed"]
+        same = (mine.get("model"), mine.get("model_config"), self.model_config) == (
+            theirs.get("model"),
+            theirs.get("model_config"),
+            other.model_config,
+        )
+        if other._model is None or not same or other._model.dim != self.index.d:
+            return False
+        self._model = other._model
+        return True
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32 L2-normalized embeddings of texts, by the index's model."""
         import torch
 
         with torch.no_grad():
-            emb = self.model.encode_text(self.model.tokenize(list(texts))).numpy()
-        return self.search_vectors(emb, k, texts)
+            return np.asarray(self.model.encode_text(self.model.tokenize(list(texts))).numpy(), np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, d) float32 L2-normalized embeddings of RGB images, by the index's model."""
+        import torch
+
+        with torch.no_grad():
+            pixels = torch.stack([self.model.preprocess(im) for im in images])
+            return np.asarray(self.model.encode_image(pixels).numpy(), np.float32)
+
+    def search_text(self, texts: list[str], k: int = 10) -> pd.DataFrame:
+        """Embed texts with the index's text tower, then search."""
+        return self.search_vectors(self.embed_text(texts), k, texts)
 
     def search_image(self, images: Sequence[str | Image.Image], k: int = 10) -> pd.DataFrame:
         """Embed images (paths, URLs or PIL images) with the index's image tower, then search."""
-        import torch
-
-        pixels, labels = [], []
-        for i, im in enumerate(images):
-            pixels.append(self.model.preprocess(_load_image(im)))
-            labels.append(im if isinstance(im, str) else f"image {i}")
-        with torch.no_grad():
-            emb = self.model.encode_image(torch.stack(pixels)).numpy()
-        return self.search_vectors(emb, k, labels)
+        labels = [im if isinstance(im, str) else f"image {i}" for i, im in enumerate(images)]
+        return self.search_vectors(self.embed_images([_load_image(im) for im in images]), k, labels)
 
     def search_key(self, keys: list[str], k: int = 10) -> pd.DataFrame:
         """Neighbours of indexed samples, queried with their stored embedding (read back from the embed npy)."""
@@ -192,8 +192,16 @@ class Searcher:
         return emb.vector(shard, row, self.modality)
 
 
+def decode_query_image(data: bytes, max_pixels: int = MAX_QUERY_IMAGE_PIXELS) -> Image.Image:
+    """A query image's bytes to RGB under the embed stage's policy (core/images.py: formats that decode nothing
+    before the size check, the pixel limit read from the header, EXIF, every mode); SampleError says why not."""
+    from pipeline.core.images import decode_image
+
+    return decode_image(data, max_pixels)
+
+
 def _load_image(image: str | Image.Image) -> Image.Image:
-    from pipeline.core.images import decode_image, to_rgb
+    from pipeline.core.images import to_rgb
     from pipeline.web.fetch import FetchPolicy, fetch
 
     if not isinstance(image, str):
@@ -203,7 +211,7 @@ def _load_image(image: str | Image.Image) -> Image.Image:
     else:
         with fsspec.open(image, "rb") as f:
             data = f.read()
-    return decode_image(data, MAX_QUERY_IMAGE_PIXELS)
+    return decode_query_image(data)
 
 
 def format_results(df: pd.DataFrame, fmt: str) -> str:

@@ -9,55 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from pipeline.core.config import ModelConfig, load_config
+from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.index.stage import build
 from pipeline.models import ModelLoadError
 from pipeline.query.search import COLUMNS, Searcher, query_cli
-from tests.support.helpers import jpeg_bytes, random_unit, write_fake_embed_output
-
-CAPTION = "a red bicycle leaning on a wall"
-TEXT_KEY, IMAGE_KEY = "000010007", "000000012"
+from tests.query.conftest import CAPTION, IMAGE_KEY, TEXT_KEY
 
 pytestmark = pytest.mark.slow  # every test queries one built index (tiny model + autofaiss build, ~15 s)
-
-
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, str]) -> Path:
-    """Two shards of random 32-d vectors with two planted samples: one whose image embedding is the tiny model's
-    embedding of CAPTION, one whose image embedding is that of a JPEG on disk."""
-    from pipeline.core.images import decode_image
-    from pipeline.models import load_model, model_fingerprint
-
-    tmp = tmp_path_factory.mktemp("search")
-    mc = ModelConfig(
-        arch=tiny_model["model.arch"],
-        checkpoint=tiny_model["model.checkpoint"],
-        model_config_file=tiny_model["model.model_config_file"],
-        pretrained=None,
-        device="cpu",
-    )
-    model = load_model(mc)
-    (tmp / "query.jpg").write_bytes(jpeg_bytes(42, size=(64, 64)))
-    with torch.no_grad():
-        txt = model.encode_text(model.tokenize([CAPTION])).numpy()[0]
-        img = model.encode_image(model.preprocess(decode_image(jpeg_bytes(42, size=(64, 64)), 10**8))[None]).numpy()[0]
-    shards = {"00000": random_unit(30, 32, 1), "00001": random_unit(30, 32, 2)}
-    shards["00001"][7] = txt
-    shards["00000"][12] = img
-    captions = {s: {"caption": [f"caption {s} {i}" for i in range(30)]} for s in shards}
-    captions["00001"]["caption"][7] = CAPTION
-    root = write_fake_embed_output(tmp / "emb", shards, model=model_fingerprint(mc), extra_meta=captions)
-    manifest = json.loads((Path(root) / "manifest.json").read_text())
-    manifest["model_config"] = mc.model_dump(mode="json")
-    (Path(root) / "manifest.json").write_text(json.dumps(manifest))
-    cfg = load_config([f"input={root}", "index.recall_queries=20"])
-    summary = build(cfg)  # autofaiss picks the index type (Flat at this size)
-    assert summary["image"]["vectors"] == 60
-    return Path(root) / "index"
 
 
 def query(index_dir: Path, *extra: str, **kwargs: Any) -> str:
