@@ -11,25 +11,11 @@ from PIL import Image
 
 from pipeline.core.images import SampleError, decode_image
 from pipeline.embed.batch import OK, DecodedBatch, RawSample, SampleRow
+from pipeline.models.text import caption_for_tokenizer
 
 if TYPE_CHECKING:
     from pipeline.embed.devicedecode import DeviceDecoder
     from pipeline.embed.hostdecode import HostDecoder
-
-# Caption text beyond this many characters cannot change the first 77 tokens in practice; cutting it
-# keeps a 1 MB caption from costing seconds of BPE.
-MAX_CAPTION_CHARS = 20_000
-# BPE cost grows with the square of a word's length; no tokenizer keeps more than ~1,000 words anyway.
-MAX_WORD_CHARS = 256
-MAX_CAPTION_WORDS = 1024
-
-
-def caption_for_tokenizer(text: str) -> str:
-    """Bound the tokenizer's work without changing the leading tokens it keeps."""
-    if len(text) <= MAX_WORD_CHARS:
-        return text
-    words = text[:MAX_CAPTION_CHARS].split()[:MAX_CAPTION_WORDS]
-    return " ".join(w[:MAX_WORD_CHARS] for w in words)
 
 
 def decode_caption(raw: bytes | str | None) -> tuple[str | None, str]:

@@ -17,15 +17,13 @@ import numpy as np
 from pipeline.core.config import ServeConfig
 from pipeline.core.images import SampleError
 from pipeline.index.store import MODALITIES
+from pipeline.models.text import caption_for_tokenizer
 from pipeline.query.search import Searcher, decode_query_image
 from pipeline.query.served import RequestError, ServedIndex
 from pipeline.web.addresses import parse_networks
 from pipeline.web.fetch import ConnectionFailed, FetchError, FetchPolicy, FetchTimeout, HTTPStatusError, fetch
 
 QUERY_KINDS = ("text", "image", "image_url", "embedding_input")  # clip back's order of precedence
-# The embed stage's caption bound (embed/decode.py: caption_for_tokenizer, which a query module may not import):
-# the tokenizer's work stays bounded and the leading tokens the model keeps are unchanged.
-MAX_TEXT_CHARS, MAX_WORDS, MAX_WORD_CHARS = 20_000, 1024, 256
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,7 @@ class ClipBack:
             return _embedding(req.query, served.searcher(req.modality))
         served.searcher(req.modality)  # an index the name lacks is refused before any fetch or model call
         if req.kind == "text":
-            return served.embed(req.modality, text=_bounded_text(req.query))
+            return served.embed(req.modality, text=caption_for_tokenizer(req.query))
         data = _base64(req.query) if req.kind == "image" else self._fetch(req.query, deadline)
         try:
             image = decode_query_image(data, self.settings.max_pixels)
@@ -214,10 +212,3 @@ def _base64(data: str) -> bytes:
         return base64.b64decode(data)  # as clip back decodes: characters outside the alphabet are skipped
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"image: not base64 ({e})") from None
-
-
-def _bounded_text(text: str) -> str:
-    if len(text) <= MAX_WORD_CHARS:
-        return text
-    words = text[:MAX_TEXT_CHARS].split()[:MAX_WORDS]
-    return " ".join(w[:MAX_WORD_CHARS] for w in words)

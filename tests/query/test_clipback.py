@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.query.clipback import KnnRequest, _bounded_text
+from pipeline.models.text import caption_for_tokenizer as _bounded_text
+from pipeline.query.clipback import KnnRequest
 from pipeline.query.served import RequestError
 from tests.support.clipretrieval import front_body
 
