@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.core.config import Config, require
+from pipeline.core.config import Config, EmbeddingsConfig, require
 from pipeline.core.errors import ConfigError
 from pipeline.core.fsio import put_json, read_json
 from pipeline.core.summary import format_summary
@@ -29,6 +29,14 @@ SUMMARY_VERSION = 1
 
 def stage_config(cfg: Config, input: Any, output: str) -> Config:
     return cfg.model_copy(update={"input": input, "output": output}, deep=True)
+
+
+def own_embeddings_config(cfg: Config, input: Any, output: str) -> Config:
+    """The config of a stage that reads the chain's own embed output: clipline's format whatever embeddings.* says
+    about foreign vectors (only how much to read at a time carries over)."""
+    own = stage_config(cfg, input, output)
+    own.embeddings = EmbeddingsConfig(chunk_rows=cfg.embeddings.chunk_rows)
+    return own
 
 
 # ---- download counts -----------------------------------------------------------------------------------
@@ -88,8 +96,8 @@ def _run_stage(cfg: Config, stage: str, paths: ChainLayout, facts: dict[str, Any
     if stage == "embed":
         return embed(stage_config(cfg, paths.shards, paths.embeddings))
     if stage == "index":
-        return build(stage_config(cfg, paths.embeddings, paths.index))
-    dcfg = stage_config(cfg, paths.embeddings, paths.dedup)
+        return build(own_embeddings_config(cfg, paths.embeddings, paths.index))
+    dcfg = own_embeddings_config(cfg, paths.embeddings, paths.dedup)
     if dcfg.dedup.materialize and not dcfg.dedup.shards:
         dcfg.dedup.shards = paths.shards
     return dedup(dcfg)

@@ -219,6 +219,19 @@ def test_one_stage_runs_alone_and_summary_keeps_the_others(tmp_path: Path) -> No
     assert not (out / lk.LOCK_NAME).exists()
 
 
+def test_stages_read_the_chains_own_embeddings_whatever_embeddings_format_says(tmp_path: Path) -> None:
+    """embeddings.* describes foreign vectors for the standalone commands; the chain's index and dedup read what its
+    embed stage wrote, so a format left in a shared config file must not redirect them."""
+    out = tmp_path / "out"
+    vecs = random_unit(30, 16, seed=5)
+    vecs[9] = vecs[2]
+    write_fake_embed_output(out / "embeddings", {"00000": vecs})
+    foreign = ["embeddings.input_format=clip-retrieval", "embeddings.key_column=uid", "embeddings.chunk_rows=7"]
+    cfg = load_config([f"input={tmp_path / 'unused'}", f"output={out}", "log_level=WARNING", *foreign])
+    result = run(cfg, stages=("dedup",), echo=False)
+    assert result["dedup"]["groups"] == 1 and result["dedup"]["samples"] == 30
+
+
 def test_unknown_stage_is_a_config_error(tmp_path: Path) -> None:
     cfg = load_config([f"input={tmp_path}", f"output={tmp_path / 'o'}"])
     with pytest.raises(ConfigError, match="unknown stage"):
