@@ -187,7 +187,8 @@ Example:
         help="search an index by text, image or key",
         doc="""
 Search an index folder (made by `clipline index`) with text, an image or an indexed key.
-The model is the one recorded in the embeddings' manifest.
+The model that embeds text and image queries is the one recorded with the index (clipline's
+manifest, or model.* recorded by `clipline index` for embeddings clipline did not write), else model.*.
 
 Example:
   clipline query input=/data/emb/index --text "a dog in the snow" -k 5
@@ -311,8 +312,8 @@ Example:
         help="zero-shot labels for embedded images from class names",
         doc="""
 Zero-shot classification of an embed output folder: class names are put in prompt templates,
-embedded with the model recorded in the manifest, averaged per class (as in the CLIP paper)
-and compared with the stored image embeddings. Writes OUTPUT/zeroshot/zeroshot_N.parquet
+embedded with the model recorded in the embed manifest (for embeddings clipline did not write:
+model.*), averaged per class (as in the CLIP paper) and compared with the stored image embeddings. Writes OUTPUT/zeroshot/zeroshot_N.parquet
 (key, label_1..k, score_1..k); output= defaults to the embed folder.
 
 Example:
