@@ -200,6 +200,15 @@ class EmbeddingSet:
         """The shard's metadata rows (all of them, file order) under clipline's column names; None: every column."""
         return self.source.metadata(shard, columns)
 
+    def embedded(self, meta: pd.DataFrame, modality: str) -> np.ndarray:
+        """Rows of `meta` (read with `status_columns()` among its columns) that the format says hold a vector of
+        `modality`: clipline's status columns; formats that keep none: every row."""
+        return self.source.meta_valid(meta, modality)
+
+    def status_columns(self) -> list[str]:
+        """The metadata columns `embedded` reads (none for formats that keep no per-row status)."""
+        return self.source.wanted_status()
+
     def vectors(self, shard: str, modality: str) -> RowArray:
         """The shard's vectors of one modality, every row, as stored, read in place (memory-mapped where local)."""
         return self.source.vectors(shard, modality)

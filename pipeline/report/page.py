@@ -35,9 +35,9 @@ def section_queries(out: RunOutput, queries: list[str] | None) -> str:
         return rp.missing("No image index (embeddings/index/image.json): no text queries.")
     sampled = not queries
     if sampled:
-        meta = out.metadata(["status", "caption_status", "caption"], out.sample_shards(5))
+        meta = out.embedded_both(["caption"], out.sample_shards(5))
         assert meta is not None
-        caps = meta.loc[(meta["status"] == "ok") & (meta["caption_status"] == "ok"), "caption"].drop_duplicates()
+        caps = meta["caption"].dropna().drop_duplicates()
         queries = caps.sample(min(QUERIES_SAMPLED, len(caps)), random_state=0).tolist()
     searcher = Searcher(out.paths.index, "image")
     try:

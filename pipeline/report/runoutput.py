@@ -126,6 +126,16 @@ class RunOutput:
         parts = [self.embeddings.metadata(s, list(columns)) for s in (self.shards if shards is None else shards)]
         return pd.concat(parts, ignore_index=True)
 
+    def embedded_both(self, columns: list[str], shards: list[str] | None = None) -> pd.DataFrame | None:
+        """`columns` of the rows with both an image and a caption embedding, by the format's own rule (clipline's
+        status columns; other tools' folders keep none, so every row)."""
+        if self.embeddings is None:
+            return None
+        emb = self.embeddings
+        meta = self.metadata(list(dict.fromkeys([*columns, *emb.status_columns()])), shards)
+        assert meta is not None
+        return meta.loc[emb.embedded(meta, "image") & emb.embedded(meta, "text"), columns]
+
     def sample_shards(self, n: int) -> list[str]:
         """At most n committed shards spread evenly over all of them (what the report reads on big outputs)."""
         step = max(1, -(-len(self.shards) // max(n, 1)))

@@ -8,6 +8,7 @@ import collections
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from pipeline.download.layout import classify_error
 from pipeline.report.plots import (
@@ -63,14 +64,10 @@ def section_throughput(out: RunOutput) -> str:
 
 def section_clip_score(out: RunOutput) -> str:
     subset = out.sample_shards(CLIP_SCORE_SHARDS)
-    meta = out.metadata(["status", "caption_status", "clip_score"], subset)
+    meta = out.embedded_both(["clip_score"], subset)
     if meta is None:
         return missing("No embed output: no CLIP scores.")
-    s = (
-        meta.loc[(meta["status"] == "ok") & (meta["caption_status"] == "ok"), "clip_score"]
-        .dropna()
-        .to_numpy(np.float64)
-    )
+    s = pd.to_numeric(meta["clip_score"], errors="coerce").dropna().to_numpy(np.float64)
     if len(s) == 0:
         return missing("No sample has both an image and a caption embedding: no CLIP scores.")
     q = np.percentile(s, [5, 25, 50, 75, 95])

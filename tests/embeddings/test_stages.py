@@ -240,6 +240,22 @@ def test_report_on_a_foreign_folder(folders: dict[str, Any], tmp_path: Path) -> 
     assert (tmp_path / "rep" / "report.html").exists() and "error" not in text, text
 
 
+def test_report_samples_rows_by_the_formats_own_rule(folders: dict[str, Any]) -> None:
+    """clipline's status columns decide which rows have both embeddings; a clip-retrieval folder keeps none, so all
+    its rows count (the report's sampled caption queries and CLIP scores come from these rows)."""
+    from pipeline.core.config import EmbeddingsConfig
+    from pipeline.report.runoutput import RunOutput
+
+    data = folders["data"]
+    n = sum(len(data.keys[s]) for s in data.shards)
+    f = folders["clip-retrieval"]
+    options = EmbeddingsConfig(input_format="clip-retrieval", key_column="image_path")
+    rows = RunOutput(f.path, options).embedded_both(["caption"])
+    assert rows is not None and len(rows) == n and rows["caption"].notna().all()
+    own = RunOutput(folders["clipline"].path).embedded_both(["caption"])
+    assert own is not None and len(own) == n
+
+
 @pytest.mark.slow
 @pytest.mark.spark
 def test_spark_index_build_of_a_clip_retrieval_folder(
