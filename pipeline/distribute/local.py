@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.5  # a worker sends its in-task progress at most this often
 TICK_S = 0.5  # the supervisor's longest wait between two looks at timeouts and the progress display
+# A new worker process gets at least this long to become ready, whatever the job's timeout_s: importing torch and the
+# model code takes seconds, many more on a loaded machine, and a slow start is not a hung task.
+START_TIMEOUT_S = 120.0
 
 
 class _Reporter:
@@ -249,10 +252,11 @@ class _Pool:
     def check_timeouts(self) -> None:
         """Kill a worker past the time limit: on its task (a failed attempt), or still starting (a failed start)."""
         timeout_s = self.job.timeout_s
+        start_s = max(timeout_s, START_TIMEOUT_S) if timeout_s else None
         for slot, t0 in list(self.started.items()):
-            if timeout_s and time.monotonic() - t0 > timeout_s:
+            if start_s and time.monotonic() - t0 > start_s:
                 self.retire(slot, kill=True)
-                self.idle_death(f"not ready after {timeout_s:.0f}s")
+                self.idle_death(f"not ready after {start_s:.0f}s")
                 self.spawn(slot)
         for slot, (i, attempt, t0) in list(self.holding.items()):
             if timeout_s and time.monotonic() - t0 > timeout_s:
