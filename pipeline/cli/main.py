@@ -64,10 +64,12 @@ def _resolve(fn_path: str) -> Callable[..., Any]:
 
 
 def _print_result(command: str, result: Any) -> None:
+    from pipeline.core.storage import mask
+
     if isinstance(result, dict):
-        print(format_summary(command, result))
+        print(mask(format_summary(command, result)))
     elif isinstance(result, str):
-        print(result)
+        print(mask(result))
 
 
 def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace] | int:
@@ -137,19 +139,32 @@ def output_of(command: Command, cfg: Config) -> str | None:
 
 
 def run_command(command: Command, cfg: Config, kwargs: dict[str, Any]) -> int:
-    """Call the command's function; map its outcome to an exit code and write its run.json either way."""
+    """Call the command's function with the storage section applied (to this process and every process it starts
+    meanwhile); map its outcome to an exit code and write its run.json either way."""
+    from pipeline.core.storage import applied
+
+    try:
+        with applied(cfg.storage):
+            return _run_command(command, cfg, kwargs)
+    except ConfigError as e:  # a variable the storage section names is not set: nothing was run
+        print(f"clipline {command.name}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run_command(command: Command, cfg: Config, kwargs: dict[str, Any]) -> int:
     from pipeline.core.runinfo import RunRecord
+    from pipeline.core.storage import mask
 
     record = RunRecord(command.name, cfg, output_of(command, cfg))
     try:
         result = _resolve(command.fn)(cfg, **kwargs)
     except ConfigError as e:
-        print(f"clipline {command.name}: {e}", file=sys.stderr)
+        print(mask(f"clipline {command.name}: {e}"), file=sys.stderr)
         return EXIT_USAGE
     except JobFailed as e:
         log.error("%s failed: %s", command.name, e)
         if e.summary:
-            print(format_summary(command.name, e.summary))
+            print(mask(format_summary(command.name, e.summary)))
         record.finish(EXIT_FAILED, e.summary, str(e))
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -373,6 +373,15 @@ class ServeConfig(_Section):
         return _check_networks(v)
 
 
+STORAGE_HELP = (
+    "fsspec options per protocol, given to every filesystem any stage, worker or library opens "
+    "(storage.s3.endpoint_url=http://127.0.0.1:9000, storage.s3.anon=true, storage.s3.profile=NAME, "
+    "storage.s3.client_kwargs.region_name=eu-west-1, storage.gcs.project=P, storage.abfs.account_name=A): whatever "
+    "the protocol's filesystem accepts (s3fs, gcsfs, adlfs). A value may name an environment variable, "
+    "${ENV:NAME}, read only when the command runs; secrets are never written or logged (docs/STORAGE.md)."
+)
+
+
 class Config(_Section):
     """The whole resolved configuration; each stage reads only its own section."""
 
@@ -392,6 +401,14 @@ class Config(_Section):
     query: QueryConfig = Field(default_factory=QueryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    storage: dict[str, dict[str, Any]] = Field(default_factory=dict, description=STORAGE_HELP)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from pipeline.core.storage import check
+
+        return check(v)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -484,6 +501,8 @@ def _apply_group(data: dict[str, Any], group: str, name: str, conf_dir: Path) ->
 
 def validate(data: dict[str, Any]) -> Config:
     """Validate a plain dict into a Config, turning pydantic errors into one ConfigError naming each key path."""
+    from pipeline.core.storage import redact_value
+
     try:
         return Config.model_validate(data)
     except ValidationError as e:
@@ -493,7 +512,7 @@ def validate(data: dict[str, Any]) -> Config:
             if err["type"] == "extra_forbidden":
                 lines.append(f"{path}: unknown key")
             else:
-                lines.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
+                lines.append(f"{path}: {err['msg']} (got {redact_value(err.get('input'), path)!r})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
@@ -505,7 +524,10 @@ def require(cfg: Config, *keys: str) -> None:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
+    """The config as clipline writes and logs it: secrets redacted (core/storage.py)."""
+    from pipeline.core.storage import redact
+
+    return redact(cfg.model_dump(mode="json"))
 
 
 def parse_model_string(spec: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any
 
 import fsspec
 
+from pipeline.core.storage import mask
+
 TMP_MARK = ".tmp-"
 
 
@@ -54,7 +56,8 @@ def put_bytes(fs: fsspec.AbstractFileSystem, final: str, data: bytes) -> None:
 def put_json(url: str, obj: Any, sort_keys: bool = False) -> None:
     """A JSON document at `url` (any fsspec URL), by temporary name and rename."""
     fs, path = fsspec.core.url_to_fs(url)
-    put_bytes(fs, path, json.dumps(obj, indent=1, sort_keys=sort_keys, default=str).encode())
+    # Summaries and records carry error messages, which may quote a storage secret (core/storage.py)
+    put_bytes(fs, path, mask(json.dumps(obj, indent=1, sort_keys=sort_keys, default=str)).encode())
 
 
 def read_json(url: str) -> Any:

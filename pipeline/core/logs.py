@@ -30,7 +30,11 @@ class OwnRecordsOnly(logging.Filter):
 
 
 def _configure(level: str, fmt: str) -> None:
+    from pipeline.core.storage import MaskSecrets
+
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(MaskSecrets())  # at every level: a library's DEBUG line may quote its credentials
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
     if logging.getLevelName(level) > logging.DEBUG:

@@ -16,6 +16,7 @@ import fsspec
 
 from pipeline.core.config import Config, to_dict
 from pipeline.core.fsio import put_json, read_json
+from pipeline.core.storage import redact_arg
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class RunRecord:
         self.output = output
         self.data: dict[str, Any] = {
             "command": command,
-            "argv": sys.argv,
+            "argv": [redact_arg(a) for a in sys.argv],
             "config": to_dict(cfg),
             "versions": versions(),
             "host": socket.gethostname(),
@@ -94,6 +95,7 @@ class RunRecord:
             return
         try:
             fs, root = fsspec.core.url_to_fs(self.output)
+            fs.invalidate_cache(root)  # an object store's listing cached before the stage (or its workers) wrote
             if not fs.isdir(root):
                 return  # nothing was written: keep it that way
             # temporary name + rename, so a kill mid-write never leaves a torn record

@@ -67,8 +67,10 @@ def _worker_main(
     # torch reads this when first imported (by the worker function's model), so workers share the cores.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from pipeline.core.logs import setup_worker_logging
+    from pipeline.core.storage import remember
 
     cfg = Config.model_validate_json(cfg_json)
+    remember(cfg.storage)  # fsspec has the options from the inherited FSSPEC_<PROTOCOL>; the log needs the secrets
     setup_worker_logging(cfg.log_level)
     fn = resolve_worker(worker)
     probe = resolve_worker(committed) if committed else None

@@ -42,8 +42,10 @@ class RecordList:
 def executor_config(cfg_json: str) -> Config:
     """The job's config, validated again on the executor, once per Python worker."""
     from pipeline.core.logs import setup_worker_logging
+    from pipeline.core.storage import remember
 
     cfg = Config.model_validate_json(cfg_json)
+    remember(cfg.storage)  # the options came as FSSPEC_<PROTOCOL> (spark_session.py); the log needs the secrets
     setup_worker_logging(cfg.log_level)
     return cfg
 

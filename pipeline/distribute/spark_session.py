@@ -65,12 +65,17 @@ def stop_session(spark: SparkSession) -> bool:
 
 @contextlib.contextmanager
 def spark_session(cfg: Config) -> Iterator[SparkSession]:
-    """get_session for the length of a block; stops the session on exit only if the block created it."""
+    """get_session for the length of a block, with the storage section's options for its executors
+    (core/storage.py: spark_environment); stops the session on exit only if the block created it."""
+    from pipeline.core.storage import spark_environment
+
     owned_before = _OWNED.get("context")
     spark = get_session(cfg)
     created = _OWNED.get("context") is not owned_before
     try:
-        yield spark
+        # The storage options reach every Python worker of tasks defined meanwhile, whoever defines them
+        with spark_environment(session_context(spark), cfg.storage):
+            yield spark
     finally:
         if created:
             stop_session(spark)

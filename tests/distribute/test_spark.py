@@ -149,6 +149,28 @@ def test_active_session_is_reused_and_never_stopped(spark: Any, monkeypatch: pyt
 
 @pytest.mark.spark
 @pytest.mark.slow
+def test_storage_options_reach_the_executors_of_a_reused_session(spark: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session was started before the storage section was applied (its executors' environment lacks it):
+    spark_session() hands FSSPEC_S3 to the Python workers of the tasks defined meanwhile, and only to them."""
+    from pipeline.core.storage import applied
+
+    monkeypatch.setenv("STORAGE_TEST_SECRET", "executor-secret-1")
+    cfg = validate({"storage": {"s3": {"endpoint_url": "http://127.0.0.1:1", "secret": "${ENV:STORAGE_TEST_SECRET}"}}})
+
+    def executor_conf(rows: Any) -> Any:
+        import fsspec
+
+        return [(fsspec.config.conf.get("s3"), "STORAGE_TEST_SECRET" in os.environ)]
+
+    with applied(cfg.storage), spark_session(cfg) as session:
+        got = session.sparkContext.parallelize([0, 1], 2).mapPartitions(executor_conf).collect()
+    want = {"endpoint_url": "http://127.0.0.1:1", "secret": "executor-secret-1"}
+    assert got == [(want, False), (want, False)]  # the resolved options, not the variable they came from
+    assert spark.sparkContext.parallelize([0], 1).mapPartitions(executor_conf).collect() == [(None, False)]
+
+
+@pytest.mark.spark
+@pytest.mark.slow
 def test_same_output_as_local_pool(spark: Any, tiny_model: dict[str, str], shards_dir: Path, tmp_path: Path) -> None:
     local = embed(make_cfg(tiny_model, shards_dir, tmp_path / "local"))
     summary = embed(make_cfg(tiny_model, shards_dir, tmp_path / "spark", "distributor=spark"))

@@ -19,7 +19,7 @@ from pipeline.query.search import Searcher
 from tests.support import s3
 from tests.support.foreign import make_samples, write_clip_retrieval, write_parquet
 
-s3_server, s3_bucket = s3.s3_server, s3.s3_bucket  # the shared fixtures, used by name below
+moto_endpoint, s3_server, s3_bucket = s3.moto_endpoint, s3.s3_server, s3.s3_bucket  # shared fixtures, by name
 
 OPTIONS = ["embeddings.input_format=clip-retrieval", "embeddings.key_column=image_path", "log_level=WARNING"]
 

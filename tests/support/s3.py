@@ -1,9 +1,9 @@
 """An S3 API on 127.0.0.1 for tests: moto's ThreadedMotoServer (the server s3fs tests itself with), one per session,
 with fsspec configured so every `s3://` URL of the process (clipline's own fsspec calls included) goes to it.
 
-Use: `s3_server, s3_bucket = s3.s3_server, s3.s3_bucket` in a test module (after `from tests.support import s3`),
-then take `s3_bucket`
-(a fresh, empty bucket name per test) and write and read `s3://{s3_bucket}/...`.
+Use: `moto_endpoint, s3_server, s3_bucket = s3.moto_endpoint, s3.s3_server, s3.s3_bucket` in a test module (after `from tests.support
+import s3`), then take `s3_bucket` (a fresh, empty bucket name per test) and write and read `s3://{s3_bucket}/...`.
+`moto_endpoint` alone is the server with nothing configured.
 """
 
 from __future__ import annotations
@@ -19,23 +19,32 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """The endpoint URL of a moto S3 server on loopback, set as s3fs's default through fsspec's config."""
+def moto_endpoint() -> Iterator[str]:
+    """The endpoint URL of a moto S3 server on loopback, configured nowhere: a test that uses it alone reaches it only
+    through what it passes (clipline's `storage.s3.endpoint_url`, tests/run/test_s3_chain.py)."""
     pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
-    saved_env = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved_conf = fsspec.config.conf.get("s3")
-    fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": endpoint}, "anon": False}
     try:
-        yield endpoint
+        yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(moto_endpoint: str) -> Iterator[str]:
+    """The moto endpoint set as s3fs's default through fsspec's config (and test credentials in the environment), so
+    every `s3://` URL of this process goes to it."""
+    saved_env = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    saved_conf = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": moto_endpoint}, "anon": False}
+    try:
+        yield moto_endpoint
+    finally:
         if saved_conf is None:
             fsspec.config.conf.pop("s3", None)
         else:
