@@ -106,3 +106,31 @@ def test_a_store_that_keeps_throttling_fails_the_shard_loudly(
     assert [p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/out/stats")] == ["stats_00000.json"]
     assert not [p for p in fs.find(f"{s3_bucket}/out") if "00001" in p]  # nothing of the failed shard is left
     assert np.load(fs.open(f"{s3_bucket}/out/img_emb/img_emb_00000.npy")).shape[0] == 6
+
+
+# ---- storage requests per shard on S3 ---------------------------------------------------------------------
+
+SIZES = (10, 60)  # both below one LIST page (1,000 keys): any request per shard shows as growth
+
+
+def test_requests_per_shard_stay_constant_on_s3(via_proxy: S3Proxy, s3_bucket: str, tiny_model: dict[str, str]) -> None:
+    """Planning a brace pattern, a no-op resume and a progress poll send as many requests at 60 shards as at 10, as
+    the S3 proxy counts them (a name looked up per shard, a listing per poll would break it)."""
+    from pipeline.core.config import load_config
+    from pipeline.embed.stage import build_manifest
+    from tests.support.committed import measured_steps, write_committed
+
+    counts: dict[str, list[dict[str, int]]] = {"planning": [], "resume": [], "poll": []}
+    for n in SIZES:
+        base = f"s3://{s3_bucket}/n{n}"
+        cfg = load_config([*overrides(tiny_model), f"input={base}/in/{{00000..{n - 1:05d}}}.tar", f"output={base}/out"])
+        write_committed(f"{base}/in", f"{base}/out", n, build_manifest(cfg))
+        for step, run in measured_steps(cfg, n).items():
+            fsspec.get_filesystem_class("s3").clear_instance_cache()  # each step starts cold, as a new process
+            via_proxy.reset()
+            run()
+            counts[step].append(dict(via_proxy.counts()))
+    for step, (small, big) in counts.items():
+        assert small == big, (step, small, big)
+    assert counts["planning"][0]["LIST"] >= 1 and counts["resume"][0]["LIST"] >= 1  # the proxy saw the listings
+    assert sum(counts["poll"][0].values()) == 0  # the driver's memory only
