@@ -47,20 +47,52 @@ def kind_of(url: str) -> str | None:
 
 
 def _expand_one(pattern: str) -> list[str]:
-    """Brace-expand, glob, or list a folder; returns protocol-qualified URLs, sorted."""
+    """Brace-expand, glob, or list a folder; returns protocol-qualified URLs, sorted within each expanded item.
+
+    The names of a brace pattern are looked up in one listing of their folder, not one or two requests each: on an
+    object store `{00000..99999}.tar` would otherwise cost two requests per shard before any work."""
     out: list[str] = []
-    for item in braceexpand(pattern):
+    listings: dict[tuple[int, str], dict[str, str | None]] = {}  # (filesystem, folder) -> name -> its type
+    items = list(braceexpand(pattern))
+    for item in items:
         fs, path = fsspec.core.url_to_fs(item)
         if any(c in path for c in "*?["):
             found = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if kind_of(p) is not None)
-        elif fs.exists(path):
-            found = [path]
         else:
-            raise ConfigError(f"input: {item} does not exist")
+            kind = _listed(fs, path, listings) if len(items) > 1 else None
+            kind = kind or _probe(fs, path)  # not in its folder's listing (HTTP, a link): ask about it alone
+            if kind == "directory":
+                found = sorted(p for p in fs.find(path) if kind_of(p) is not None)
+            elif kind == "file":
+                found = [path]
+            else:
+                raise ConfigError(f"input: {item} does not exist")
         out.extend(fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p for p in found)
     return out
+
+
+def _probe(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """ "directory", "file" or None for one path named on its own."""
+    if fs.isdir(path):
+        return "directory"
+    return "file" if fs.exists(path) else None
+
+
+def _listed(
+    fs: fsspec.AbstractFileSystem, path: str, listings: dict[tuple[int, str], dict[str, str | None]]
+) -> str | None:
+    """ "directory" or "file" when one listing of its folder (made once per folder) says so, else None."""
+    path = path.rstrip("/")
+    folder = posixpath.dirname(path)
+    key = (id(fs), folder)
+    if key not in listings:
+        try:
+            entries = fs.ls(folder, detail=True)
+        except (OSError, ValueError, NotImplementedError):  # missing, or a filesystem that cannot list (HTTP)
+            entries = []
+        listings[key] = {str(e["name"]).rstrip("/"): e.get("type") for e in entries if isinstance(e, dict)}
+    kind = listings[key].get(path)
+    return kind if kind in ("file", "directory") else None
 
 
 def expand_input(spec: str | Iterable[str]) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from pipeline.core import storage_retries
 from pipeline.core.config import Config, EmbedConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.tasks import ShardTask
@@ -289,11 +290,15 @@ def embed_worker(task: ShardTask, cfg: Config, ctx: WorkerContext | None = None)
         from pipeline.embed.devicedecode import check_config
 
         check_config(cfg)
-    if ctx is None:  # called directly, not by a distributor
-        return run_shard(task, get_model(cfg), cfg.embed)
-    model = get_model(on_device(cfg, ctx.device))
-    if model.device.type == "cpu":
-        import torch
+    with storage_retries.counting() as retried:
+        if ctx is None:  # called directly, not by a distributor
+            stats = run_shard(task, get_model(cfg), cfg.embed)
+        else:
+            model = get_model(on_device(cfg, ctx.device))
+            if model.device.type == "cpu":
+                import torch
 
-        torch.set_num_threads(ctx.threads)  # the cores the distributor gave this attempt
-    return run_shard(task, model, cfg.embed, ctx.attempt, ctx.progress)
+                torch.set_num_threads(ctx.threads)  # the cores the distributor gave this attempt
+            stats = run_shard(task, model, cfg.embed, ctx.attempt, ctx.progress)
+    # what this attempt retried travels back to the driver's summary; the committed stats file does not hold it
+    return {**stats, "storage_retries": retried()}

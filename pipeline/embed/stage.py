@@ -8,6 +8,7 @@ from typing import Any
 
 import fsspec
 
+from pipeline.core import storage_retries
 from pipeline.core.config import Config, require
 from pipeline.core.errors import ConfigError, JobFailed
 from pipeline.core.inputs import expand_input
@@ -80,6 +81,48 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
 
     `worker` is the importable per-shard function (tests inject faults through it).
     """
+    with storage_retries.counting() as retried:  # the driver's own requests; workers count theirs
+        tasks, done = _prepare(cfg)
+        driver_retries = retried()
+    output = cfg.output.rstrip("/")  # type: ignore[union-attr]
+    todo = [t for t in tasks if cfg.embed.overwrite or t.shard_id not in done]
+    skipped = len(tasks) - len(todo)
+    log.info("embed: %d shards planned, %d already committed, %d to do", len(tasks), skipped, len(todo))
+
+    job = Job(
+        "embed",
+        todo,
+        worker,
+        COMMITTED,
+        cfg.embed.max_shard_retries,
+        cfg.embed.shard_timeout_s,
+        gpu=cfg.model.device != "cpu",
+        unit="shard",
+    )
+    t0 = time.perf_counter()
+    try:
+        results = get_distributor(cfg).run(job)  # logs each retry and each final failure, once
+    finally:
+        with storage_retries.counting() as retried:
+            # Files of shards that did not commit (a worker died mid-commit) must not be seen by file-listing readers.
+            sweep_temporary(output)
+            remove_uncommitted(output)
+            driver_retries += retried()
+    wall = time.perf_counter() - t0
+    failed = [r.task.shard_id for r in results if not r.ok]
+    stats = [r.stats for r in results if r.ok and r.stats]
+    with storage_retries.counting() as retried:
+        if stats:
+            update_manifest(output, dim=stats[0].get("dim"))
+        driver_retries += retried()
+    summary = summarize_embed(stats, wall, skipped, failed, driver_retries)
+    if failed:
+        raise JobFailed(f"{len(failed)} shard(s) failed: {', '.join(failed)}; re-run to retry them", summary)
+    return summary
+
+
+def _prepare(cfg: Config) -> tuple[list[ShardTask], set[str]]:
+    """Plan, check or write the manifest, clear an interrupted run's leftovers; (tasks, ids already committed)."""
     from pipeline.models import ModelLoadError
 
     tasks = plan(cfg)
@@ -102,33 +145,4 @@ def embed(cfg: Config, worker: str = WORKER) -> dict[str, Any]:
             log.warning("folder shard %s: its images changed since it was embedded; redoing it", t.shard_id)
             uncommit(output, t.shard_id)
             done.discard(t.shard_id)
-    todo = [t for t in tasks if cfg.embed.overwrite or t.shard_id not in done]
-    skipped = len(tasks) - len(todo)
-    log.info("embed: %d shards planned, %d already committed, %d to do", len(tasks), skipped, len(todo))
-
-    job = Job(
-        "embed",
-        todo,
-        worker,
-        COMMITTED,
-        cfg.embed.max_shard_retries,
-        cfg.embed.shard_timeout_s,
-        gpu=cfg.model.device != "cpu",
-        unit="shard",
-    )
-    t0 = time.perf_counter()
-    try:
-        results = get_distributor(cfg).run(job)  # logs each retry and each final failure, once
-    finally:
-        # Files of shards that did not commit (a worker died mid-commit) must not be seen by file-listing readers.
-        sweep_temporary(output)
-        remove_uncommitted(output)
-    wall = time.perf_counter() - t0
-    failed = [r.task.shard_id for r in results if not r.ok]
-    stats = [r.stats for r in results if r.ok and r.stats]
-    summary = summarize_embed(stats, wall, skipped, failed)
-    if stats:
-        update_manifest(output, dim=stats[0].get("dim"))
-    if failed:
-        raise JobFailed(f"{len(failed)} shard(s) failed: {', '.join(failed)}; re-run to retry them", summary)
-    return summary
+    return tasks, done

@@ -109,10 +109,11 @@ def sweep_temporary(output: str) -> int:
     fs, root = fsspec.core.url_to_fs(output)
     removed = 0
     for sub, _, _ in KINDS.values():
-        d = posixpath.join(root, sub)
-        if not fs.exists(d):
+        try:
+            names = fs.ls(posixpath.join(root, sub), detail=False)  # one LIST, no existence check before it
+        except FileNotFoundError:
             continue
-        for p in fs.ls(d, detail=False):
+        for p in names:
             if is_temporary(p):
                 fs.rm(p)
                 removed += 1

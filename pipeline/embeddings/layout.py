@@ -97,10 +97,12 @@ def list_kind(output: str, kind: str) -> dict[str, str]:
     """shard id -> path of every final-named file of one kind (one listing of its subfolder)."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = posixpath.join(root, KINDS[kind][0])
-    if not fs.exists(folder):
+    try:
+        names = fs.ls(folder, detail=False)  # one LIST; a separate existence check would cost two more on S3
+    except FileNotFoundError:
         return {}
     out = {}
-    for p in fs.ls(folder, detail=False):
+    for p in names:
         parsed = parse_name(p)
         if parsed is not None and parsed[0] == kind:
             out[parsed[1]] = p

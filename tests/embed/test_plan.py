@@ -38,6 +38,24 @@ def test_expand_folder_brace_glob_list(tmp_path: Path) -> None:
         expand_input(str(tmp_path / "{00000..00003}.tar"))
 
 
+def test_brace_names_are_looked_up_in_one_listing_per_folder(tmp_path: Path) -> None:
+    from tests.support.countfs import CountingFileSystem
+
+    for i in range(30):
+        _touch(tmp_path / "a" / f"{i:05d}.tar")
+    _touch(tmp_path / "b" / "00000.tar")
+    _touch(tmp_path / "b" / "sub" / "00001.tar")
+    CountingFileSystem.calls.clear()
+    urls = expand_input(f"countfile://{tmp_path}/{{a/{{00000..00029}}.tar,b/00000.tar,b/sub}}")
+    assert [u.rsplit("/", 2)[-2:] for u in urls] == [["a", f"{i:05d}.tar"] for i in range(30)] + [
+        ["b", "00000.tar"],
+        ["sub", "00001.tar"],
+    ]
+    assert CountingFileSystem.calls["LIST"] == 3 and CountingFileSystem.calls["HEAD"] == 0  # a/, b/, and b/sub found
+    with pytest.raises(ConfigError, match="b/00009.tar does not exist"):
+        expand_input(f"countfile://{tmp_path}/b/{{00000,00009}}.tar")
+
+
 def test_memory_fsspec_urls() -> None:
     fs = fsspec.filesystem("memory")
     for i in range(2):

@@ -9,6 +9,7 @@ Importing this module registers the protocol; worker processes import it through
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,19 @@ class CountingFileSystem(LocalFileSystem):
             with open(os.path.join(folder, f"{os.getpid()}.log"), "a") as f:
                 f.write(f"{kind} {n}\n")
 
+    _listing = threading.local()  # inside ls: the local listing stats each entry, an object store's LIST does not
+
     def ls(self, path: str, detail: bool = False, **kwargs: Any) -> Any:
         self.count("LIST")
-        return super().ls(path, detail=detail, **kwargs)
+        self._listing.on = True
+        try:
+            return super().ls(path, detail=detail, **kwargs)
+        finally:
+            self._listing.on = False
 
-    def info(self, path: str, **kwargs: Any) -> Any:
-        self.count("HEAD")
+    def info(self, path: Any, **kwargs: Any) -> Any:
+        if not getattr(self._listing, "on", False):
+            self.count("HEAD")
         return super().info(path, **kwargs)
 
     def isfile(self, path: str) -> bool:
