@@ -66,7 +66,7 @@ def shard_tables(
     group = np.where(exact, full["exact"], np.where(near, full["near"], own))
     matched = np.where(exact, _text(full["exact_key"]), np.where(near, _text(full["near_key"]), key))
     sim = np.where(exact, np.nan, np.where(near, full["near_sim"], 1.0)).astype(np.float32)
-    head_reason = np.where(full["flags"] & rc.NEAR_KEEPER, "near", "exact")
+    head_reason = np.where(full["flags"] & rc.EXACT_KEEPER, "exact", "near")
     member_reason = np.where(exact, "exact", np.where(near, "near", head_reason))
     m = np.flatnonzero(member)
     tables = {

@@ -70,7 +70,7 @@ class Steps:
             dim=emb.dim if n else 0,
             exact_parts=max(1, math.ceil(self.total / EXACT_PART_ROWS)),
             kmeans_rate=min(1.0, self.dc.kmeans_sample / max(1, self.total)),
-            tune_rate=min(0.5, TUNE_QUERIES / max(1, self.total)),
+            tune_rate=0.0 if self.dc.spill else min(0.5, TUNE_QUERIES / max(1, self.total)),
             recall_rate=min(0.5, RECALL_QUERIES / max(1, self.total)),
         )
         plan = {
