@@ -58,7 +58,7 @@ def write(url: str, records: np.ndarray, parts: np.ndarray, nparts: int) -> None
             np.array([nparts, len(header)], "<u8").tobytes(),
             header,
             offsets.tobytes(),
-            memoryview(np.ascontiguousarray(records[order]).view(np.uint8)),
+            np.ascontiguousarray(records[order]).view(np.uint8).data,
         ]
     )
     fs, path = fsspec.core.url_to_fs(url)
