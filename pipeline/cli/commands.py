@@ -173,13 +173,17 @@ Find exact duplicates (same sha256) and near duplicates (image cosine >= dedup.t
 in an embed output folder. Writes OUTPUT/duplicates.parquet, keep.parquet, drop.parquet,
 summary.json and a similarity histogram. output= defaults to INPUT/dedup.
 
-Main options: dedup.threshold, dedup.mode (auto|exact|ivf|semdedup), dedup.keep
-(first|largest|clip_score|shortest_url), dedup.min_clip_score, dedup.materialize.
+Main options: dedup.threshold, dedup.mode (auto|exact|ivf|semdedup|distributed), dedup.keep
+(first|largest|clip_score|shortest_url), dedup.min_clip_score, dedup.materialize; for the
+distributed steps dedup.kmeans_sample, dedup.max_cluster_rows, dedup.spill.
 
 Example:
   clipline dedup input=/data/emb output=/data/emb/dedup dedup.threshold=0.95""",
         default_output="pipeline.dedup.stage:default_output",
-        spark="dedup runs in one local process for now (its Spark version is being built)",
+        distributors=("local", "spark"),
+        spark="every step whose cost grows with the input runs as Spark tasks (exact duplicates by sha256 "
+        "through a shuffle, cluster assignment, within-cluster pairs, decisions and outputs per shard, materialize "
+        "per tar); the k-means is fitted on the driver on dedup.kmeans_sample vectors",
     ),
     Command(
         name="query",

@@ -225,7 +225,12 @@ class IndexConfig(_Section):
 class DedupConfig(_Section):
     """Options of `clipline dedup`."""
 
-    mode: Literal["auto", "exact", "ivf", "semdedup"] = Field("auto", description="Near-duplicate search method.")
+    mode: Literal["auto", "exact", "ivf", "semdedup", "distributed"] = Field(
+        "auto",
+        description="Near-duplicate search method. distributed: the steps that run as tasks on either distributor "
+        "(docs/SPARK.md, Dedup); auto: exact while small, else distributed (always distributed with "
+        "distributor=spark).",
+    )
     threshold: float = Field(
         0.95, gt=-1, le=1, description="Cosine similarity at or above which images are duplicates."
     )
@@ -236,6 +241,25 @@ class DedupConfig(_Section):
     memory_budget: str = Field("4G", description="Memory for the similarity search.")
     semdedup_clusters: int = Field(0, ge=0, description="k-means clusters for SemDeDup; 0 = sqrt(n).")
     exact: bool = Field(True, description="Also group identical image bytes (sha256).")
+    kmeans_sample: int = Field(
+        262144,
+        ge=1,
+        description="distributed: vectors sampled (deterministically, from every shard) to fit the k-means on; "
+        "the driver holds them as float32, so its memory is kmeans_sample x dim x 4 bytes whatever the input size.",
+    )
+    max_cluster_rows: int = Field(
+        200000,
+        ge=2,
+        description="distributed: rows one pairs task holds; a cluster above it is split into tiles of two blocks "
+        "of max_cluster_rows/2. A task's memory is about max_cluster_rows x dim x 6 bytes + 128 MiB.",
+    )
+    spill: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="distributed: clusters each vector is compared in (its nearest first); 0 = the smallest "
+        "reaching 0.99 recall on sampled exact queries.",
+    )
     read_timeout_s: float = Field(
         300.0, gt=0, description="A read of one embed output file that stalls longer than this fails the stage."
     )

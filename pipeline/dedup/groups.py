@@ -28,8 +28,8 @@ def exact_pairs(sha256: pd.Series, eligible: np.ndarray) -> tuple[np.ndarray, np
     return first_of[dup], order[dup]
 
 
-def keeper_rank(rows: pd.DataFrame, keep: str, eligible: np.ndarray) -> np.ndarray:
-    """Rank of every row as a group survivor (0 = best): eligible first, then the policy, then (shard, index)."""
+def policy_value(rows: pd.DataFrame, keep: str) -> np.ndarray:
+    """The keep policy as a float64 per row, lower = better survivor (missing values last)."""
     if keep == "first":
         policy = np.zeros(len(rows))
     elif keep == "largest":
@@ -41,6 +41,12 @@ def keeper_rank(rows: pd.DataFrame, keep: str, eligible: np.ndarray) -> np.ndarr
         policy = rows["url"].map(lambda u: len(u) if isinstance(u, str) else np.inf).to_numpy(np.float64)
     else:
         raise ConfigError(f"dedup.keep: unknown policy {keep!r}")
+    return np.asarray(policy, np.float64)
+
+
+def keeper_rank(rows: pd.DataFrame, keep: str, eligible: np.ndarray) -> np.ndarray:
+    """Rank of every row as a group survivor (0 = best): eligible first, then the policy, then (shard, index)."""
+    policy = policy_value(rows, keep)
     order = np.lexsort((rows["index"].to_numpy(), rows["shard"].cat.codes.to_numpy(), policy, ~eligible))
     rank = np.empty(len(rows), np.int64)
     rank[order] = np.arange(len(rows))

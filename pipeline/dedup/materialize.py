@@ -54,7 +54,39 @@ SCHEMAS = {
 }
 
 
+URLS_SCHEMA = pa.schema([("key", _TEXT), ("url", _TEXT), ("caption", _TEXT)])
 SUMMARY = "summary.json"
+TABLES = ("duplicates", "keep", "drop")
+
+
+def table_path(output: str, name: str, shard: str | None = None) -> str:
+    """OUTPUT/NAME.parquet: one file (single-process modes), or with `shard` one part of the folder of that name
+    (the distributed steps write OUTPUT/NAME.parquet/SHARD.parquet; Parquet readers take the folder as one table)."""
+    base = posixpath.join(output, f"{name}.parquet")
+    return base if shard is None else posixpath.join(base, f"{shard}.parquet")
+
+
+def read_table(output: str, name: str) -> pd.DataFrame:
+    """One output table, written whole or sharded; empty parts keep the schema."""
+    fs, path = fsspec.core.url_to_fs(table_path(output, name))
+    if fs.isdir(path):
+        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet") and TMP_MARK not in p)
+        tables = [pq.read_table(fs.open(f, "rb")) for f in files]
+        schema = SCHEMAS.get(name)
+        if not tables:
+            return schema.empty_table().to_pandas() if schema is not None else pd.DataFrame()
+        return pa.concat_tables(tables).to_pandas()
+    with fs.open(path, "rb") as f:
+        return pd.read_parquet(f)
+
+
+def remove_tables(output: str) -> None:
+    """Every output table in either form, and the materialized URL list (a new plan replaces them all)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    for name in (*TABLES, "urls", "reference_matches"):
+        p = posixpath.join(root, f"{name}.parquet")
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
 
 
 def uncommit(output: str) -> None:
@@ -73,27 +105,33 @@ def uncommit(output: str) -> None:
 def write_histogram(nn_sim: np.ndarray, threshold: float, path: str, method: str) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of each sample's nearest-neighbour similarity, threshold marked (Agg backend: no display needed);
     returns the (counts, bin edges) drawn."""
+    sims = nn_sim[np.isfinite(nn_sim)]
+    counts, edges = np.histogram(sims, bins=np.linspace(min(float(sims.min(initial=0.0)), threshold - 0.05), 1.0, 101))
+    draw_histogram(counts, edges, threshold, path, method)
+    return counts, edges
+
+
+def draw_histogram(counts: np.ndarray, edges: np.ndarray, threshold: float, path: str, method: str) -> None:
+    """The histogram figure from counts already made (the distributed steps sum them over shards)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sims = nn_sim[np.isfinite(nn_sim)]
+    sims_n = int(np.sum(counts))
     fig, ax = plt.subplots(figsize=(7, 4))
-    counts, edges = np.histogram(sims, bins=np.linspace(min(float(sims.min(initial=0.0)), threshold - 0.05), 1.0, 101))
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
     ax.set_yscale("log")
     ax.set_xlabel("cosine similarity to nearest neighbour")
     ax.set_ylabel("samples")
-    ax.set_title(f"Nearest-neighbour similarity ({method}, {len(sims)} samples)")
+    ax.set_title(f"Nearest-neighbour similarity ({method}, {sims_n} samples)")
     ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     fs, p = fsspec.core.url_to_fs(path)
     put_bytes(fs, p, buf.getvalue())
-    return counts, edges
 
 
 # webdataset's base_plus_ext rule (what the embed reader uses), restated: importing webdataset loads torch (~0.5 GB).

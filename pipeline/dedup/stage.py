@@ -32,7 +32,7 @@ from pipeline.dedup import neighbors as nb
 from pipeline.dedup import semdedup
 from pipeline.dedup.groups import decide, exact_pairs
 from pipeline.dedup.vectors import Embeddings
-from pipeline.embeddings.read import needs_output
+from pipeline.embeddings.read import EmbeddingSet, needs_output
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def write_outputs(
     """Every output but summary.json, each file by temporary name and rename; the earlier run's summary.json (the
     commit marker) is removed first. Returns what materialize wrote, if it ran."""
     mat.uncommit(output)
+    mat.remove_tables(output)
     for name in ("duplicates", "keep", "drop"):
         put_parquet(posixpath.join(output, f"{name}.parquet"), tables[name], mat.SCHEMAS[name])
     if matches is not None:
@@ -168,11 +169,37 @@ def write_outputs(
     return mat.materialize(emb.set, dc.shards, output, tables["keep"])
 
 
+def distributed_steps(cfg: Config, folder: str, budget: int) -> bool:
+    """Whether this run takes the distributed steps: always with distributor=spark or dedup.mode=distributed; under
+    auto, when the single-process choice would be SemDeDup (the input is too big for exact search) and no
+    dedup.reference is given (the distributed steps have none). The estimate reads row counts, not rows."""
+    dc = cfg.dedup
+    if cfg.distributor == "spark":
+        if dc.mode not in ("auto", "distributed"):
+            raise ConfigError(
+                f"dedup.mode={dc.mode}: runs in one process; with distributor=spark dedup runs its distributed "
+                "steps (dedup.mode=distributed or auto)"
+            )
+        return True
+    if dc.mode != "auto" or dc.reference:
+        return dc.mode == "distributed"
+    import faiss
+
+    emb = EmbeddingSet(folder, dc.read_timeout_s, cfg.embeddings)
+    n = sum(emb.rows(s) for s in emb.shards)
+    return bool(emb.shards) and choose_mode("auto", n, emb.dim, budget, faiss.get_num_gpus()) == "semdedup"
+
+
 def dedup(cfg: Config) -> dict[str, Any]:
     """Run the dedup stage on an embed output; writes OUTPUT/{duplicates,keep,drop}.parquet, similarity_hist.png
     (plus filtered shards and urls.parquet with dedup.materialize) and summary.json last, the commit marker: the
-    other files are this run's only when it exists. Returns the summary."""
+    other files are this run's only when it exists. Returns the summary. The distributed steps (`distributed.py`)
+    write the three tables as folders of one Parquet file per embed shard instead (docs/FORMAT.md)."""
     folder, output, budget = plan(cfg)
+    if distributed_steps(cfg, folder, budget):
+        from pipeline.dedup.distributed import dedup_distributed
+
+        return dedup_distributed(cfg, folder, output)
     dc = cfg.dedup
     columns = ["sha256", "clip_score"] + {"largest": ["width", "height"], "shortest_url": ["url"]}.get(dc.keep, [])
     t0, timings = time.perf_counter(), {}

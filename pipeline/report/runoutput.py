@@ -195,11 +195,12 @@ class RunOutput:
         return self.read_json(posixpath.join(self.paths.dedup, "summary.json"))
 
     def duplicates(self) -> pd.DataFrame | None:
+        from pipeline.dedup.materialize import read_table
+
         path = posixpath.join(self.paths.dedup, "duplicates.parquet")
         if not self.exists(path):
             return None
-        with fsspec.open(path, "rb") as f:
-            return pd.read_parquet(f)
+        return read_table(self.paths.dedup, "duplicates")  # one file, or one per shard (distributed steps)
 
     def index_info(self, modality: str) -> dict[str, Any] | None:
         from pipeline.index.store import read_info

@@ -118,7 +118,7 @@ ON_SPARK = [name for name, c in COMMANDS.items() if "spark" in c.distributors]
 
 
 def test_the_commands_that_run_on_spark() -> None:
-    assert ON_SPARK == ["download", "embed", "index", "run"]  # dedup flips its record when Spark dedup lands
+    assert ON_SPARK == ["download", "embed", "index", "dedup", "run"]
 
 
 @pytest.mark.parametrize("name", REFUSED)
@@ -161,11 +161,20 @@ def test_run_passes_spark_to_its_stages_and_refuses_a_stage_that_cannot(
     ]:
         monkeypatch.setattr(module, fn, _fake_stage(fn))
     out = tmp_path / "out"
-    assert main(["run", f"input={tmp_path}/urls.csv", f"output={out}", "distributor=spark", "log_level=ERROR"]) == 2
+    args = ["run", f"input={tmp_path}/urls.csv", f"output={out}", "distributor=spark", "log_level=ERROR"]
+    (tmp_path / "urls.csv").write_text("url\nhttp://127.0.0.1/a.jpg\n")
+    assert main(args) == 0  # every stage runs on Spark now
+    assert [(kw["stage"], cfg.distributor) for cfg, kw in CALLS] == [
+        (s, "spark") for s in ("download", "embed", "build", "dedup")
+    ]
+    CALLS.clear()
+    _replace(monkeypatch, "dedup", distributors=("local",), spark="a stage that cannot")  # were one to refuse:
+    out2 = tmp_path / "out2"
+    args = ["run", f"input={tmp_path}/urls.csv", f"output={out2}", "distributor=spark", "log_level=ERROR"]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "not supported by dedup" in err and "--stage to leave it out" in err
-    assert not CALLS and not out.exists()  # refused before the lock, the staging and the first stage
-    args = ["run", f"input={tmp_path}/urls.csv", f"output={out}", "distributor=spark", "log_level=ERROR"]
+    assert not CALLS and not out2.exists()  # refused before the lock, the staging and the first stage
     assert main([*args, "--stage", "embed", "--stage", "index"]) == 0
     assert [(kw["stage"], cfg.distributor) for cfg, kw in CALLS] == [("embed", "spark"), ("build", "spark")]
 
