@@ -371,7 +371,8 @@ class TreeWatch:
     top: dict[str, str] = field(default_factory=dict)
     procs_seen: dict[str, set[int]] = field(default_factory=dict)
     loads: list[float] = field(default_factory=list)
-    _roles: dict[int, str] = field(default_factory=dict)
+    cpu: dict[int, float] = field(default_factory=dict)  # pid -> its own user+system seconds at its last sample
+    _roles: dict[tuple[int, str], str] = field(default_factory=dict)
 
     def sample(self) -> None:
         import psutil
@@ -383,10 +384,13 @@ class TreeWatch:
             return
         for p in procs:
             try:
-                if p.pid not in self._roles:
-                    self._roles[p.pid] = "driver" if p.pid == self.root else role(p.cmdline(), p.name())
-                r = self._roles[p.pid]
+                key = (p.pid, p.name())  # by name too: spark-class is a shell that execs the JVM in its own pid
+                if key not in self._roles:
+                    self._roles[key] = "driver" if p.pid == self.root else role(p.cmdline(), p.name())
+                r = self._roles[key]
                 mb = max(_hwm_mb(p.pid) or 0.0, p.memory_info().rss / 2**20)
+                t = p.cpu_times()
+                self.cpu[p.pid] = t.user + t.system
             except psutil.Error:
                 continue
             self.procs_seen.setdefault(r, set()).add(p.pid)
@@ -396,7 +400,7 @@ class TreeWatch:
         self.loads.append(os.getloadavg()[0])
 
     def descendants(self) -> list[int]:
-        return [p for p in self._roles if p != self.root]
+        return sorted({pid for pid, _ in self._roles if pid != self.root})
 
 
 def _hwm_mb(pid: int) -> float | None:
@@ -444,7 +448,9 @@ def run_dedup(cmd: list[str], env: dict[str, str], log: Path, timeout: float) ->
         "exit": p.returncode,
         "timed_out": timed_out,
         "wall_s": round(wall, 1),
-        "cpu_s": round(ru.ru_utime + ru.ru_stime, 1) if ru else None,
+        # a lower bound: the driver and what it reaped (wait4), or every process's own CPU at its last sample
+        # (a JVM that is stopped but never waited for is only in the second)
+        "cpu_s": round(max(ru.ru_utime + ru.ru_stime if ru else 0.0, sum(watch.cpu.values())), 1),
         "driver_rss_mb": round(watch.peaks.get("driver", 0)),
         "jvm_rss_mb": round(watch.peaks["jvm"]) if "jvm" in watch.peaks else None,
         "task_rss_mb": round(watch.peaks["task"]) if "task" in watch.peaks else None,
@@ -575,7 +581,7 @@ def main() -> None:
     ap.add_argument("--pythonpath", default=str(ROOT), help="the clipline code to run (PYTHONPATH of the child)")
     ap.add_argument("--recall-queries", type=int, default=1000)
     ap.add_argument("--json", help="merge the results into this JSON file (and print the table of all its runs)")
-    ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--generate-only", action="store_true", help="write the data and its exact-search sample only")
     ap.add_argument("--keep-output", action="store_true", help="keep cluster buckets and other working files")
     args = ap.parse_args()
     args.spark_set = args.spark_set if args.spark_set is not None else ["spark.master=local[2]"]
@@ -588,6 +594,7 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         print(f"data {root}: {generate(spec, root)}", file=sys.stderr, flush=True)
         if args.generate_only:
+            exact_pairs(spec, root, args.recall_queries)
             continue
         for dist in args.distributor.split(","):
             for mode in args.modes.split(","):
