@@ -4,7 +4,8 @@
 
 Usage: python bench/bench_dedup.py [--distributor local,spark] [--n 1000000[,10000000]] [--dim 512]
          [--per-shard 10000] [--modes auto] [--data /tmp/clipline-bench-dedup] [--timeout 2700]
-         [--set KEY=VALUE ...] [--spark-set spark.master=local[2] ...] [--pythonpath DIR] [--json PATH]
+         [--set KEY=VALUE ...] [--spark-set spark.master=local[2] ...] [--local-set local.processes=2 ...]
+         [--pythonpath DIR] [--json PATH]
          [--generate-only] [--keep-output]
 
 Data (written once per (n, dim, per-shard, seed) under --data, reused when present, resumed shard by shard) goes
@@ -479,7 +480,7 @@ def bench_one(args: argparse.Namespace, spec: DataSpec, root: Path, dist: str, m
     out = root / f"out-{dist}-{mode}"
     if out.exists():
         shutil.rmtree(out)
-    extra = list(args.set) + (list(args.spark_set) if dist == "spark" else [])
+    extra = list(args.set) + list(args.spark_set if dist == "spark" else args.local_set)
     if mode != "auto":
         extra.append(f"dedup.mode={mode}")
     clipline = str(Path(sys.executable).parent / "clipline")
@@ -566,6 +567,46 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# How each step's work grows with N, by a word in its name (k-means fits a bounded sample; with sqrt(N) clusters,
+# assignment is N x k and the pairs N x cluster size, both N^1.5); any other step is taken as linear.
+STEP_EXPONENT = (("kmeans", 0.0), ("k-means", 0.0), ("fit", 0.0), ("assign", 1.5), ("pair", 1.5), ("tile", 1.5),
+                 ("near", 1.5), ("search", 1.5))  # fmt: skip
+
+
+def step_exponent(step: str) -> float:
+    return next((b for word, b in STEP_EXPONENT if word in step.lower()), 1.0)
+
+
+def extrapolate(runs: list[dict[str, Any]], target: float, cores: int) -> str:
+    """An EXTRAPOLATION per distributor: each step's core-hours at `target` rows from its largest measured run, by
+    the step's growth model, with the exponent fitted between the two sizes shown beside it as a check."""
+    lines = []
+    for dist, mode in sorted({(r["distributor"], r["mode"]) for r in runs}):
+        ok = sorted((r for r in runs if (r["distributor"], r["mode"]) == (dist, mode) and r.get("exit") == 0
+                     and r.get("stage_time_split_seconds")), key=lambda r: r["n"])  # fmt: skip
+        if not ok:
+            continue
+        big, small = ok[-1], (ok[0] if ok[0]["n"] < ok[-1]["n"] else None)
+        par = big["cpu_s"] / big["wall_s"] if big.get("cpu_s") else 1.0
+        scale = target / big["n"]
+        lines.append(f"EXTRAPOLATION to {target:.3g} x {big['dim']} from {dist} {mode} at n={big['n']} "
+                     f"(mean busy cores {par:.2f}; cluster of {cores} cores, ideal scaling):")  # fmt: skip
+        lines.append("  step | s at small n | s at n | fitted exp | model exp | core-h at target | wall h on cluster")
+        total = 0.0
+        for step, t in big["stage_time_split_seconds"].items():
+            t0 = (small or {}).get("stage_time_split_seconds", {}).get(step)
+            fit = np.log(t / t0) / np.log(big["n"] / small["n"]) if small and t0 and t > 0 else None
+            b = step_exponent(step)
+            core_s = t * (par if b > 0 else 1.0) * scale**b
+            total += core_s
+            wall_h = core_s / 3600 / (cores if b > 0 else 1)
+            lines.append(f"  {step} | {t0 if t0 is not None else '-'} | {t} | "
+                         f"{'-' if fit is None else f'{fit:.2f}'} | {b} | {core_s / 3600:.1f} | {wall_h:.2f}")  # fmt: skip
+        lines.append(f"  total core-h {total / 3600:.0f}; map tasks ~{big['n'] * scale / 10_000:.0f} embed shards; "
+                     f"outputs+work files ~{big.get('output_bytes', 0) * scale / 1e12:.2f} TB (linear)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--distributor", default="local,spark")
@@ -577,18 +618,23 @@ def main() -> None:
     ap.add_argument("--data", default="/tmp/clipline-bench-dedup")
     ap.add_argument("--timeout", type=float, default=2700, help="seconds per run before its process tree is killed")
     ap.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for every run")
-    ap.add_argument("--spark-set", action="append", default=None, help="extra KEY=VALUE for spark runs")
+    ap.add_argument("--spark-set", action="append", default=None, help="for spark runs (default spark.master=local[2])")
+    ap.add_argument("--local-set", action="append", default=None, help="for local runs (default local.processes=2)")
     ap.add_argument("--pythonpath", default=str(ROOT), help="the clipline code to run (PYTHONPATH of the child)")
     ap.add_argument("--recall-queries", type=int, default=1000)
     ap.add_argument("--json", help="merge the results into this JSON file (and print the table of all its runs)")
+    ap.add_argument("--table-only", action="store_true", help="print the table of --json's runs, run nothing")
     ap.add_argument("--generate-only", action="store_true", help="write the data and its exact-search sample only")
+    ap.add_argument("--extrapolate", type=float, default=2.3e9, help="rows to extrapolate the cost to (0: no)")
+    ap.add_argument("--cluster-cores", type=int, default=800, help="cores of the cluster in the extrapolation")
     ap.add_argument("--keep-output", action="store_true", help="keep cluster buckets and other working files")
     args = ap.parse_args()
     args.spark_set = args.spark_set if args.spark_set is not None else ["spark.master=local[2]"]
+    args.local_set = args.local_set if args.local_set is not None else ["local.processes=2"]
     runs: list[dict[str, Any]] = []
     if args.json and Path(args.json).exists():
         runs = json.loads(Path(args.json).read_text())["runs"]
-    for n in (int(v) for v in args.n.split(",")):
+    for n in (int(v) for v in args.n.split(",") if not args.table_only):
         spec = DataSpec(n, args.dim, args.per_shard, args.seed)
         root = Path(args.data) / f"n{n}-d{args.dim}-p{args.per_shard}-s{args.seed}"
         root.mkdir(parents=True, exist_ok=True)
@@ -606,6 +652,8 @@ def main() -> None:
                     Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
     if runs:
         print(table(runs))
+        if args.extrapolate:
+            print(extrapolate(runs, args.extrapolate, args.cluster_cores))
 
 
 if __name__ == "__main__":
