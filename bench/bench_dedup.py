@@ -567,10 +567,12 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# How each step's work grows with N, by a word in its name (k-means fits a bounded sample; with sqrt(N) clusters,
-# assignment is N x k and the pairs N x cluster size, both N^1.5); any other step is taken as linear.
-STEP_EXPONENT = (("kmeans", 0.0), ("k-means", 0.0), ("fit", 0.0), ("assign", 1.5), ("pair", 1.5), ("tile", 1.5),
-                 ("near", 1.5), ("search", 1.5))  # fmt: skip
+# How each step's work grows with N, by a word in its name: with sqrt(N) clusters, k-means on a bounded sample is
+# sample x k (N^0.5, on the driver: not spread over the cluster), assignment N x k and the pairs N x cluster size
+# (both N^1.5); any other step (scan, exact, truth's bounded queries over N, decide) is taken as linear.
+STEP_EXPONENT = (("kmeans", 0.5), ("k-means", 0.5), ("assign", 1.5), ("pair", 1.5), ("tile", 1.5), ("near", 1.5),
+                 ("search", 1.5))  # fmt: skip
+DRIVER_STEPS = ("kmeans", "k-means")
 
 
 def step_exponent(step: str) -> float:
@@ -597,9 +599,10 @@ def extrapolate(runs: list[dict[str, Any]], target: float, cores: int) -> str:
             t0 = (small or {}).get("stage_time_split_seconds", {}).get(step)
             fit = np.log(t / t0) / np.log(big["n"] / small["n"]) if small and t0 and t > 0 else None
             b = step_exponent(step)
-            core_s = t * (par if b > 0 else 1.0) * scale**b
+            on_driver = any(w in step.lower() for w in DRIVER_STEPS)
+            core_s = t * (1.0 if on_driver else par) * scale**b
             total += core_s
-            wall_h = core_s / 3600 / (cores if b > 0 else 1)
+            wall_h = core_s / 3600 / (1 if on_driver else cores)
             lines.append(f"  {step} | {t0 if t0 is not None else '-'} | {t} | "
                          f"{'-' if fit is None else f'{fit:.2f}'} | {b} | {core_s / 3600:.1f} | {wall_h:.2f}")  # fmt: skip
         lines.append(f"  total core-h {total / 3600:.0f}; map tasks ~{big['n'] * scale / 10_000:.0f} embed shards; "
