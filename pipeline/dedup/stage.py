@@ -195,11 +195,12 @@ def dedup(cfg: Config) -> dict[str, Any]:
     (plus filtered shards and urls.parquet with dedup.materialize) and summary.json last, the commit marker: the
     other files are this run's only when it exists. Returns the summary. The distributed steps (`distributed.py`)
     write the three tables as folders of one Parquet file per embed shard instead (docs/FORMAT.md)."""
-    folder, output, budget = plan(cfg)
-    if distributed_steps(cfg, folder, budget):
-        from pipeline.dedup.distributed import dedup_distributed
+    with naming_timeout("dedup.read_timeout_s"):
+        folder, output, budget = plan(cfg)
+        if distributed_steps(cfg, folder, budget):
+            from pipeline.dedup.distributed import dedup_distributed
 
-        return dedup_distributed(cfg, folder, output)
+            return dedup_distributed(cfg, folder, output)
     dc = cfg.dedup
     columns = ["sha256", "clip_score"] + {"largest": ["width", "height"], "shortest_url": ["url"]}.get(dc.keep, [])
     t0, timings = time.perf_counter(), {}

@@ -19,7 +19,8 @@ from tests.support import s3, s3faults
 from tests.support.helpers import make_shards, overrides
 from tests.support.s3proxy import Fault, S3Proxy
 
-s3_server, s3_bucket, s3_proxy, via_proxy = s3.s3_server, s3.s3_bucket, s3faults.s3_proxy, s3faults.via_proxy
+moto_endpoint, s3_server, s3_bucket = s3.moto_endpoint, s3.s3_server, s3.s3_bucket  # shared fixtures, by name
+s3_proxy, via_proxy = s3faults.s3_proxy, s3faults.via_proxy
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 server (tests/support/s3.py): `s3_proxy` is the session's proxy, `via_proxy` points every s3fs of the test, in this
 process and in spawned workers (through $FSSPEC_S3), at it with clean counts.
 
-Use: `s3_server, s3_bucket, s3_proxy, via_proxy = s3.s3_server, s3.s3_bucket, s3faults.s3_proxy,
+Use: `moto_endpoint, s3_server, s3_bucket` from tests.support.s3 and `s3_proxy, via_proxy = s3faults.s3_proxy,
 s3faults.via_proxy` in a test module.
 """
 
