@@ -67,8 +67,13 @@ def _clipline(*args: str) -> list[str]:
 def _bucket_fs(endpoint: str) -> Any:
     import s3fs
 
+    # client_kwargs, not endpoint_url: it replaces whatever another test's session fixture left in fsspec's config
     return s3fs.S3FileSystem(
-        endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True, use_listings_cache=False
+        client_kwargs={"endpoint_url": endpoint},
+        key="testing",
+        secret="testing",
+        skip_instance_cache=True,
+        use_listings_cache=False,
     )
 
 
