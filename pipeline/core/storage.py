@@ -165,9 +165,14 @@ def _redact_node(node: Any, key: str) -> Any:
     return node
 
 
+def _holds_options(path: str) -> bool:
+    """Whether a dotted config path lies where `redact()` looks for secret-looking keys (storage, spark.conf)."""
+    return path.split(".", 1)[0] == "storage" or path.startswith("spark.conf")
+
+
 def redact_value(value: Any, path: str) -> Any:
     """One value given at dotted `path` as it may be shown (in an error message): redacted as `redact()` would."""
-    if path.split(".", 1)[0] == "storage" or path.startswith("spark.conf"):
+    if _holds_options(path):
         return mask_data(_redact_node(value, path.rsplit(".", 1)[-1] if "." in path else "storage"))
     return mask_data(value)
 
@@ -177,9 +182,8 @@ def redact_arg(arg: str) -> str:
     `redact()` would, every known secret masked."""
     key, eq, value = arg.partition("=")
     path = key.strip().lstrip("+")
-    if eq and (path.split(".", 1)[0] == "storage" or path.startswith("spark.conf.")):
-        if SECRET_KEY.search(path.rsplit(".", 1)[-1]) and not ENV_REF.fullmatch(value):
-            return f"{key}={REDACTED}"
+    if eq and _holds_options(path) and _redact_node(value, path.rsplit(".", 1)[-1]) == REDACTED:
+        return f"{key}={REDACTED}"
     return mask(arg)
 
 

@@ -23,7 +23,7 @@ from pipeline.dedup import materialize as mat
 from pipeline.dedup import records as rc
 from pipeline.dedup import shuffle
 from pipeline.dedup.groups import REASONS
-from pipeline.dedup.work import driver_file, shard_rows, step_files
+from pipeline.dedup.work import shard_rows, step_files, truth_pairs_file
 
 HIST_EDGES = np.linspace(-1.0, 1.0, 401)  # fixed bins, so shards' counts add up
 
@@ -101,7 +101,7 @@ def decide(task: Any, cfg: Config) -> dict[str, Any]:
     """Decisions of a group of embed shards; writes their parts of keep/drop/duplicates.parquet."""
     p = task.params
     dec = _gathered(task)
-    truth, _ = shuffle.read_all(driver_file(p, "truth_pairs.bin"))
+    truth, _ = shuffle.read_all(truth_pairs_file(p))
     owner = rc.shard_of(dec["gid"])
     stats: dict[str, Any] = {"kept": 0, "dropped": {}, "in_groups": 0, "groups": 0, "resolved": []}
     hist = np.zeros(len(HIST_EDGES) - 1, np.int64)

@@ -33,7 +33,7 @@ from pipeline.dedup.pairs import plan_pairs
 from pipeline.dedup.semdedup import spherical_kmeans, tune_spill
 from pipeline.dedup.steps import WORKER, centroids, nearest
 from pipeline.dedup.vectors import MODALITY
-from pipeline.dedup.work import COMMITTED, Params, StepTask, committed, driver_file, step_files
+from pipeline.dedup.work import COMMITTED, Params, StepTask, committed, driver_file, step_files, truth_pairs_file
 from pipeline.distribute.base import Job, get_distributor
 from pipeline.embeddings.read import EmbeddingSet
 
@@ -194,12 +194,49 @@ def spill_and_truth(s: Steps, p: Params, truth: np.ndarray) -> tuple[Params, dic
     rec = ~tune
     qg, hg = truth["q"][rec], truth["gid"][rec]
     q_first = rc.better(q["inel"][qi[rec]], q["pol"][qi[rec]], qg, truth["inel"][rec], truth["pol"][rec], hg)
-    t = np.zeros(int(rec.sum()), [("a", "<i8"), ("b", "<i8"), ("worse", "<i8")])
+    t = np.zeros(int(rec.sum()), rc.TRUTH_PAIR)
     t["a"], t["b"], t["worse"] = np.minimum(qg, hg), np.maximum(qg, hg), np.where(q_first, hg, qg)
     t = t[np.sort(np.unique(np.stack([t["a"], t["b"]], 1), axis=0, return_index=True)[1])] if len(t) else t
-    shuffle.write(driver_file(p, "truth_pairs.bin"), t, np.zeros(len(t), np.int64), 1)
+    shuffle.write(truth_pairs_file(p), t, np.zeros(len(t), np.int64), 1)
     info["recall_sample_queries"] = int((role == 1).sum())
     return rc_params(p, spill=int(spill)), info
+
+
+def near_steps(s: Steps, p: Params) -> tuple[Params, dict[str, Any], dict[str, Any], list[int], int]:
+    """truth, spill tuning, assign and pairs (no clusters: only an empty truth file for decide);
+    (params, search facts, pair counts, true pairs found, recall queries)."""
+    search: dict[str, Any] = {"clusters": p.k, "kmeans_sample": s.dc.kmeans_sample}
+    if not p.k:
+        shuffle.write(truth_pairs_file(p), np.zeros(0, rc.TRUTH_PAIR), np.zeros(0, np.int64), 1)
+        return p, search, {}, [], 0
+    s.run("truth", s.map_tasks("truth", p), lambda t, st: None)
+    p, info = spill_and_truth(s, p, step_files(p, "truth", p.n_groups).read(0, 1)[0])
+    search.update(spill=p.spill, **{k: v for k, v in info.items() if k != "recall_sample_queries"})
+    s.run("assign", s.map_tasks("assign", p), lambda t, st: None)
+    sizes = step_files(p, "assign", p.n_groups).sizes(2 * p.k)
+    members, guests = sizes[0::2], sizes[1::2]
+    tasks = [
+        StepTask("pairs", i, p, lo=lo, hi=hi, block=b, bi=bi, bj=bj, members=m)
+        for i, (lo, hi, b, bi, bj, m) in enumerate(plan_pairs(members, guests, s.dc.max_cluster_rows))
+    ]
+    search.update(
+        largest_cluster=int(members.max()),
+        median_cluster=float(np.median(members)),
+        pairs_tasks=len(tasks),
+        tiles=sum(1 for t in tasks if t.block),
+        max_cluster_rows=s.dc.max_cluster_rows,
+    )
+    found: set[int] = set()
+    near: dict[str, Any] = {}
+
+    def fold_pairs(t: StepTask, st: dict[str, Any]) -> None:
+        found.update(st.pop("truth_found", []))
+        _sum(near, st, ("near_pairs",))
+        near["largest_task_rows"] = max(near.get("largest_task_rows", 0), int(st.get("rows", 0)))
+
+    s.run("pairs", tasks, fold_pairs)
+    search["largest_task_rows"] = near.get("largest_task_rows", 0)
+    return rc_params(p, n_pairs=len(tasks)), search, near, sorted(found), info["recall_sample_queries"]
 
 
 def dedup_distributed(cfg: Config, folder: str, output: str) -> dict[str, Any]:
@@ -218,50 +255,7 @@ def dedup_distributed(cfg: Config, folder: str, output: str) -> dict[str, Any]:
         s.run("exact", tasks, lambda t, st: _sum(exact, st, ("exact_dropped", "exact_groups")))
         p = rc_params(p, n_exact=p.exact_parts)
     p = kmeans(s, p, scanned.get("valid", 0))
-    search: dict[str, Any] = {"clusters": p.k, "kmeans_sample": s.dc.kmeans_sample}
-    truth_pairs: list[int] = []
-    if p.k:
-        truth_parts: list[np.ndarray] = []
-        s.run("truth", s.map_tasks("truth", p), lambda t, st: None)
-        truth_parts = [step_files(p, "truth", p.n_groups).read(0, 1)[0]]
-        p, info = spill_and_truth(s, p, truth_parts[0])
-        search.update(spill=p.spill, **{k: v for k, v in info.items() if k != "recall_sample_queries"})
-        s.run("assign", s.map_tasks("assign", p), lambda t, st: None)
-        sizes = step_files(p, "assign", p.n_groups).sizes(2 * p.k)
-        members, guests = sizes[0::2], sizes[1::2]
-        plan = plan_pairs(members, guests, s.dc.max_cluster_rows)
-        tasks = [
-            StepTask("pairs", i, p, lo=lo, hi=hi, block=b, bi=bi, bj=bj, members=m)
-            for i, (lo, hi, b, bi, bj, m) in enumerate(plan)
-        ]
-        search.update(
-            largest_cluster=int(members.max()),
-            median_cluster=float(np.median(members)),
-            pairs_tasks=len(tasks),
-            tiles=sum(1 for t in tasks if t.block),
-            max_cluster_rows=s.dc.max_cluster_rows,
-        )
-        found: set[int] = set()
-        near: dict[str, Any] = {}
-
-        def fold_pairs(t: StepTask, st: dict[str, Any]) -> None:
-            found.update(st.pop("truth_found", []))
-            _sum(near, st, ("near_pairs",))
-            near["largest_task_rows"] = max(near.get("largest_task_rows", 0), int(st.get("rows", 0)))
-
-        s.run("pairs", tasks, fold_pairs)
-        search["largest_task_rows"] = near.get("largest_task_rows", 0)
-        truth_pairs = sorted(found)
-        p = rc_params(p, n_pairs=len(tasks))
-        recall_queries = info["recall_sample_queries"]
-    else:
-        shuffle.write(
-            posixpath.join(p.work, "truth_pairs.bin"),
-            np.zeros(0, [("a", "<i8"), ("b", "<i8"), ("worse", "<i8")]),
-            np.zeros(0, np.int64),
-            1,
-        )
-        recall_queries, near = 0, {}
+    p, search, near, truth_pairs, recall_queries = near_steps(s, p)
     decided: dict[str, Any] = {"dropped": {}, "resolved": set(), "hist": np.zeros(400, np.int64)}
 
     def fold_decide(t: StepTask, st: dict[str, Any]) -> None:
@@ -274,7 +268,7 @@ def dedup_distributed(cfg: Config, folder: str, output: str) -> dict[str, Any]:
 
     s.run("decide", s.map_tasks("decide", p), fold_decide)
     materialized = materialize(s, p) if s.dc.materialize else None
-    truth_n = len(shuffle.read_all(posixpath.join(p.work, "truth_pairs.bin"))[0])
+    truth_n = len(shuffle.read_all(truth_pairs_file(p))[0])
     hist = decided["hist"]
     draw(hist, s.dc.threshold, posixpath.join(output, "similarity_hist.png"))
     summary = build_summary(s, scanned, exact, near, decided, search, materialized)

@@ -17,7 +17,7 @@ from pipeline.dedup import records as rc
 from pipeline.dedup import shuffle
 from pipeline.dedup.neighbors import Pairs, normalize_rows
 from pipeline.dedup.semdedup import cluster_pairs
-from pipeline.dedup.work import data_path, driver_file, step_files
+from pipeline.dedup.work import data_path, step_files, truth_pairs_file
 
 MAX_CELLS = 1 << 25  # floats in one similarity block: 128 MiB
 
@@ -151,7 +151,7 @@ def pairs(task: Any, cfg: Config) -> dict[str, Any]:
             _tile(found, a, a_members, b, thr)
             rows_held = len(a) + len(b)
     recs = found.write(data_path(p.work, "pairs", task.index), p.n_shards)
-    truth, _ = shuffle.read_all(driver_file(p, "truth_pairs.bin"))
+    truth, _ = shuffle.read_all(truth_pairs_file(p))
     return {
         "rows": rows_held,
         "near_pairs": int(sum(len(x[0]) for x in found.pairs)),

@@ -151,6 +151,9 @@ def truth_dtype(spill: int) -> np.dtype[Any]:
     )
 
 
+# A true pair of the recall sample: its two gids (a < b) and the worse-ranked of them.
+TRUTH_PAIR = np.dtype([("a", "<i8"), ("b", "<i8"), ("worse", "<i8")])
+
 NEAR_KEEPER, EXACT_KEEPER = 1, 2  # flags: the row has a worse-ranked near / exact duplicate
 
 

@@ -76,6 +76,11 @@ def driver_file(p: Params, name: str) -> str:
     return posixpath.join(p.work, name)
 
 
+def truth_pairs_file(p: Params) -> str:
+    """The recall queries' true pairs (records.TRUTH_PAIR), written by the driver, read by pairs and decide tasks."""
+    return driver_file(p, "truth_pairs.bin")
+
+
 def committed(task: StepTask, cfg: Config) -> dict[str, Any] | None:
     """The probe: the stats a committed task's marker holds, or None."""
     return read_json(marker_path(task.params.work, task.step, task.index))  # type: ignore[no-any-return]
