@@ -96,18 +96,18 @@ def test_killed_twice_then_resumed_equals_clean_run(
     args = [sys.executable, "-m", "pipeline.cli", *_embed_args(shards, out, tiny_model)]
     rng = random.Random(7)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Kill 1: at a random moment early on (start-up, model load or first shard).
-    # Kill 2: right after some, but not all, shards have committed.
+    # Kill 1: at a random moment early on (start-up, model load or first shard), at the latest as the first shard
+    # commits (on a fast machine the whole job can end within the random delay).
+    # Kill 2: right after this run has committed some, but not all, shards.
     for first in (True, False):
+        before = len(committed_shards(str(out)))
         p = subprocess.Popen(
             args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        if first:
-            time.sleep(rng.uniform(1.0, 4.0))
-        else:
-            deadline = time.monotonic() + 300
-            while len(committed_shards(str(out))) < 1 and time.monotonic() < deadline and p.poll() is None:
-                time.sleep(0.05)
+        deadline = time.monotonic() + (rng.uniform(1.0, 4.0) if first else 300)
+        while len(committed_shards(str(out))) <= before and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        if not first:
             time.sleep(rng.uniform(0.0, 0.3))
         os.killpg(p.pid, signal.SIGKILL)  # the driver and its workers, mid-job
         p.wait()
