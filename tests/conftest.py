@@ -21,6 +21,41 @@ from tests.support.helpers import make_tiny_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Session fixtures that cost seconds to minutes, and the test files that use them: each group of files runs on one
+# xdist worker, so the fixture is built once per run instead of once per worker (pytest_xdist_make_scheduler).
+SHARED_FIXTURES = {"demo_run": "demo", "demo": "demo", "demo_searcher": "demo", "index_dir": "query-index"}
+GROUP_FILES = {
+    "demo": ("tests/cli/test_commands.py", "tests/report/test_page.py", "tests/run/test_demo.py",
+             "tests/run/test_demo_data.py", "tests/test_notebooks.py"),
+    "query-index": ("tests/query/test_search.py", "tests/query/test_serve.py"),
+}  # fmt: skip
+GROUP_OF_FILE = {f: group for group, files in GROUP_FILES.items() for f in files}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's load-scope scheduling with a test file as the unit (its module-scoped fixtures are built once) and
+    the files of GROUP_FILES as one unit each; largest units first. (`--dist loadgroup` would do it with markers,
+    but xdist 3.8 renames node ids through an attribute pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return GROUP_OF_FILE.get(file, file)
+
+    return FileGroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a shared fixture must be in one of its group's files, or the fixture is built twice."""
+    for item in items:
+        file = str(item.path.relative_to(REPO))
+        for name in set(getattr(item, "fixturenames", ())) & set(SHARED_FIXTURES):
+            if GROUP_OF_FILE.get(file) != SHARED_FIXTURES[name]:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses {name}: add {file} to GROUP_FILES[{SHARED_FIXTURES[name]!r}]"
+                )
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
