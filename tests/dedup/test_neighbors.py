@@ -59,7 +59,7 @@ def brute_force_pairs(x: np.ndarray, threshold: float) -> nb.Pairs:
 
 @pytest.fixture(scope="module")
 def data() -> dict:
-    x, members, distractors = planted(20_000, 512, groups=800, distractors=800, seed=3)
+    x, members, distractors = planted(10_000, 256, groups=400, distractors=400, seed=3)
     return {"x": x, "members": members, "distractors": distractors, "truth": brute_force_pairs(x, THRESHOLD)}
 
 

@@ -180,13 +180,13 @@ def test_tar_with_every_bad_data_kind_exits_0(
 # ---- storage requests per shard ---------------------------------------------------------------------------
 
 COUNTING_WORKER = "tests.support.countfs:counting_embed_worker"
-SIZES = (10, 100)
+SIZES = (5, 50)
 MAX_PER_SHARD = {"LIST": 0, "HEAD": 4, "GET": 2, "PUT": 5, "COPY": 5, "DELETE": 5}  # generous: the order, not the count
 
 
 @pytest.fixture(scope="module")
 def request_counts(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[str, str]) -> dict[str, dict[int, Any]]:
-    """Storage requests, in every process, of planning, a whole local job and a no-op resume, at 10 and 100 shards."""
+    """Storage requests, in every process, of planning, a whole local job and a no-op resume, at 5 and 50 shards."""
     from pipeline.core.config import load_config
     from pipeline.embed.stage import embed, plan
     from tests.support.countfs import ENV, totals
@@ -215,7 +215,7 @@ def request_counts(tmp_path_factory: pytest.TempPathFactory, tiny_model: dict[st
 
 @pytest.mark.parametrize("step", ["planning", "job", "resume"])
 def test_storage_requests_per_shard_stay_constant(step: str, request_counts: dict[str, dict[int, Any]]) -> None:
-    """Requests grow by the same whole number per shard from 10 to 100 shards, and nothing lists per shard: a
+    """Requests grow by the same whole number per shard from 5 to 50 shards, and nothing lists per shard: a
     listing per shard or per progress poll would break it (the Spark driver used to list every stats marker per
     poll)."""
     small, big = (request_counts[step][n] for n in SIZES)
